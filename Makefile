@@ -1,0 +1,46 @@
+# Tandem: `make run` starts a local replicated volume, `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PY ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the product and its tests need (third-party clients for the interop tests).
+APT_PACKAGES := gcc make pkg-config python3-dev python3-venv libffi-dev liburing-dev \
+	libnbd-bin python3-libnbd qemu-utils qemu-block-extra fuse3 e2fsprogs \
+	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps
+STAMP := $(VENV)/.installed
+
+.PHONY: setup apt run test lint fmt clean
+
+setup: apt $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q -o DPkg::Lock::Timeout=600 $$missing; \
+	fi
+
+# --system-site-packages: Debian's python3-libnbd (the `nbd` module) is a test client.
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build.py)
+	@test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+run: setup
+	$(BIN)/tandem up
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info native/_native*.so native/_native.c

@@ -1,0 +1,3 @@
+from maya.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""Thin wrapper over the C hot path (`native._native`, built by cffi from native/*.c).
+
+Everything here has a pure-Python reference so Tandem still runs (slower) where the
+extension could not be built; `AVAILABLE` says which one is in use.
+"""
+
+from __future__ import annotations
+
+try:
+    from native._native import ffi, lib
+
+    AVAILABLE = True
+except ImportError:  # extension not built: fall back to the reference code
+    ffi = lib = None
+    AVAILABLE = False
+
+_CRC_TABLE: list[int] = []
+
+
+def _crc32c_py(crc: int, data: bytes) -> int:
+    if not _CRC_TABLE:
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+            _CRC_TABLE.append(c)
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ b) & 0xFF]
+    return crc ^ 0xFFFFFFFF
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of data, continuing from crc."""
+    if lib is not None:
+        return lib.tandem_crc32c(crc, ffi.from_buffer(data), len(data))
+    return _crc32c_py(crc, bytes(data))
+
+
+def uring_error() -> int:
+    """0 when io_uring works on this host, else the negative errno that stopped it."""
+    if lib is None:
+        return -38  # ENOSYS: no engine built
+    return lib.tandem_uring_probe()

@@ -1,0 +1,37 @@
+"""`tandem replica ...` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import click
+
+from replica.sizes import parse_size
+from replica.store import StoreError
+
+
+@click.group()
+def replica() -> None:
+    """Replica processes: one per volume per node, holding a copy of the volume's data."""
+
+
+@replica.command()
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Replica directory (created with the volume when empty).")
+@click.option("--size", required=True, help="Volume size, e.g. 10G (checked against an existing replica).")
+@click.option("--listen", default="127.0.0.1:9502", show_default=True, help="Data protocol address.")
+@click.option("--api", default="127.0.0.1:9503", show_default=True, help="REST API address.")
+@click.option("--volume", default="", help="Volume name recorded in a new replica.")
+def serve(directory: Path, size: str, listen: str, api: str, volume: str) -> None:
+    """Serve a replica directory over the replica data protocol."""
+    from replica.daemon import serve_replica
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        nbytes = parse_size(size)
+        directory.mkdir(parents=True, exist_ok=True)
+        asyncio.run(serve_replica(directory, nbytes, listen, api, volume))
+    except (StoreError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e

@@ -1,0 +1,39 @@
+"""The replica process: store + data server + REST API, stopped cleanly by SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from replica.api import make_app
+from replica.client import parse_address
+from replica.server import ReplicaServer
+from replica.store import ReplicaStore
+from replica.webserver import WebServer
+
+log = logging.getLogger("tandem.replica")
+
+
+async def serve_replica(directory: Path, size: int, listen: str, api: str, volume: str) -> None:
+    store = ReplicaStore.open_or_create(directory, size, volume)
+    if store.was_dirty:
+        log.warning("replica at %s was not closed cleanly (dirty)", directory)
+    server = ReplicaServer(store)
+    host, port = parse_address(listen)
+    ahost, aport = parse_address(api)
+    web = WebServer(make_app(server), ahost, aport)
+    await server.start(host, port)
+    await web.start()
+    print(f"replica {directory}: data {host}:{server.port} api http://{ahost}:{web.port}",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping replica at %s", directory)
+    await server.close()
+    await web.close()
+    store.close(clean=True)
