@@ -41,18 +41,35 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
 
 
 @click.command()
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where replica data lives [default: $TANDEM_HOME or ~/.local/share/tandem].")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where replica data lives [default: $TANDEM_HOME or ~/.local/share/tandem].",
+)
 @click.option("--volume", default="demo", show_default=True, help="Volume name.")
 @click.option("--size", default="1G", show_default=True, help="Volume size.")
 @click.option("--replicas", type=click.IntRange(1, 9), default=3, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--nbd-port", type=int, default=10809, show_default=True)
 @click.option("--api-port", type=int, default=9501, show_default=True)
-@click.option("--replica-port", type=int, default=9502, show_default=True,
-              help="First replica's data port; replica i uses this + 10*i (API: + 1).")
-def up(data_dir: Path | None, volume: str, size: str, replicas: int, host: str,
-       nbd_port: int, api_port: int, replica_port: int) -> None:
+@click.option(
+    "--replica-port",
+    type=int,
+    default=9502,
+    show_default=True,
+    help="First replica's data port; replica i uses this + 10*i (API: + 1).",
+)
+def up(
+    data_dir: Path | None,
+    volume: str,
+    size: str,
+    replicas: int,
+    host: str,
+    nbd_port: int,
+    api_port: int,
+    replica_port: int,
+) -> None:
     """Start a local replicated volume (replicas + target) and print how to connect."""
     nbytes = parse_size(size)
     data_dir = (data_dir or default_data_dir()).expanduser().resolve()
@@ -62,8 +79,12 @@ def up(data_dir: Path | None, volume: str, size: str, replicas: int, host: str,
 
     def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen([sys.executable, "-m", "maya", *args], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maya", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         children.append(proc)
         return proc
 
@@ -75,20 +96,42 @@ def up(data_dir: Path | None, volume: str, size: str, replicas: int, host: str,
         addrs = []
         for i in range(replicas):
             port = replica_port + 10 * i
-            proc = spawn(f"{volume}-replica-{i}", "replica", "serve",
-                         "--dir", str(data_dir / volume / f"replica-{i}"), "--size", str(nbytes),
-                         "--volume", volume, "--listen", f"{host}:{port}",
-                         "--api", f"{host}:{port + 1}")
+            proc = spawn(
+                f"{volume}-replica-{i}",
+                "replica",
+                "serve",
+                "--dir",
+                str(data_dir / volume / f"replica-{i}"),
+                "--size",
+                str(nbytes),
+                "--volume",
+                volume,
+                "--listen",
+                f"{host}:{port}",
+                "--api",
+                f"{host}:{port + 1}",
+            )
             _wait_port(host, port, proc, 30)
             addrs.append(f"{host}:{port}")
-        args = ["target", "serve", "--volume", volume, "--size", str(nbytes),
-                "--nbd", f"{host}:{nbd_port}", "--api", f"{host}:{api_port}"]
+        args = [
+            "target",
+            "serve",
+            "--volume",
+            volume,
+            "--size",
+            str(nbytes),
+            "--nbd",
+            f"{host}:{nbd_port}",
+            "--api",
+            f"{host}:{api_port}",
+        ]
         for a in addrs:
             args += ["--replica", a]
         target = spawn(f"{volume}-target", *args)
         _wait_port(host, nbd_port, target, 60)
         uri = f"nbd://{host}:{nbd_port}/{volume}"
-        click.echo(f"""
+        click.echo(
+            f"""
 Tandem is up: volume {volume!r}, {format_size(nbytes)}, {replicas} replica(s), data in {data_dir}
 
   NBD URI   {uri}
@@ -103,13 +146,16 @@ Try, from another shell:
   mkdir -p mnt && nbdfuse mnt/disk.img {uri} &   # then mkfs.ext4 + mount -o loop
 
 Logs in {log_dir}. Ctrl-C stops everything; the data stays for the next start.
-""", nl=False)
+""",
+            nl=False,
+        )
         while True:
             for proc in children:
                 if proc.poll() is not None:
                     raise click.ClickException(
                         f"{' '.join(proc.args[3:5])} exited with status {proc.returncode}; "
-                        f"see {log_dir}")
+                        f"see {log_dir}"
+                    )
             time.sleep(0.5)
     except KeyboardInterrupt:
         click.echo("\nstopping Tandem...")

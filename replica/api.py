@@ -31,8 +31,9 @@ class _Collector:
         g = GaugeMetricFamily("tandem_replica_generation", "Replica generation", labels=["volume"])
         g.add_metric([vol], m.generation)
         yield g
-        c = GaugeMetricFamily("tandem_replica_connections", "Open data connections",
-                              labels=["volume"])
+        c = GaugeMetricFamily(
+            "tandem_replica_connections", "Open data connections", labels=["volume"]
+        )
         c.add_metric([vol], s.connections)
         yield c
 
@@ -55,8 +56,10 @@ def make_app(server: ReplicaServer) -> FastAPI:
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok" if server.state == "open" else server.state,
-                "uptime": time.time() - started}
+        return {
+            "status": "ok" if server.state == "open" else server.state,
+            "uptime": time.time() - started,
+        }
 
     @app.get("/metrics")
     def metrics() -> Response:

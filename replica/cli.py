@@ -18,10 +18,19 @@ def replica() -> None:
 
 
 @replica.command()
-@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Replica directory (created with the volume when empty).")
-@click.option("--size", required=True, help="Volume size, e.g. 10G (checked against an existing replica).")
-@click.option("--listen", default="127.0.0.1:9502", show_default=True, help="Data protocol address.")
+@click.option(
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Replica directory (created with the volume when empty).",
+)
+@click.option(
+    "--size", required=True, help="Volume size, e.g. 10G (checked against an existing replica)."
+)
+@click.option(
+    "--listen", default="127.0.0.1:9502", show_default=True, help="Data protocol address."
+)
 @click.option("--api", default="127.0.0.1:9503", show_default=True, help="REST API address.")
 @click.option("--volume", default="", help="Volume name recorded in a new replica.")
 def serve(directory: Path, size: str, listen: str, api: str, volume: str) -> None:

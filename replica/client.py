@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from replica import protocol as p
-from replica.protocol import Op
 from replica.block import BlockError, Extent, MediumError, NoSpace, OutOfRange
+from replica.protocol import Op
 
 _ERRORS: dict[int, type[BlockError]] = {
     errno.ENOSPC: NoSpace,

@@ -26,8 +26,9 @@ async def serve_replica(directory: Path, size: int, listen: str, api: str, volum
     web = WebServer(make_app(server), ahost, aport)
     await server.start(host, port)
     await web.start()
-    print(f"replica {directory}: data {host}:{server.port} api http://{ahost}:{web.port}",
-          flush=True)
+    print(
+        f"replica {directory}: data {host}:{server.port} api http://{ahost}:{web.port}", flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from replica import protocol as p
-from replica.protocol import Op, Request, Status
-from replica.store import Fenced, ReplicaStore
 from replica.block import BlockError
+from replica.protocol import Op, Request, Status
+from replica.store import Fenced, ReplicaStore, StoreError
 
 log = logging.getLogger("tandem.replica")
 
@@ -152,7 +152,7 @@ class _Connection(asyncio.Protocol):
         except BlockError as e:
             stats.errors += 1
             self._send(p.encode_error(req.tag, e.errno, str(e)))
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, StoreError) as e:
             stats.errors += 1
             self._send(p.encode_error(req.tag, Status.EINVAL, f"bad request: {e}"))
 

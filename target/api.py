@@ -25,17 +25,20 @@ class _ModeCollector:
 
     def collect(self) -> Any:
         r = self.volume.replicator
-        g = GaugeMetricFamily("tandem_volume_replicas", "Replicas by mode",
-                              labels=["volume", "mode"])
+        g = GaugeMetricFamily(
+            "tandem_volume_replicas", "Replicas by mode", labels=["volume", "mode"]
+        )
         for mode in Mode:
             g.add_metric([self.volume.name, mode.value], r.count(mode))
         yield g
-        ro = GaugeMetricFamily("tandem_volume_readonly", "1 when below write quorum",
-                               labels=["volume"])
+        ro = GaugeMetricFamily(
+            "tandem_volume_readonly", "1 when below write quorum", labels=["volume"]
+        )
         ro.add_metric([self.volume.name], int(r.readonly))
         yield ro
-        rb = GaugeMetricFamily("tandem_volume_rebuild_done_bytes", "Rebuild progress",
-                               labels=["volume", "replica"])
+        rb = GaugeMetricFamily(
+            "tandem_volume_rebuild_done_bytes", "Rebuild progress", labels=["volume", "replica"]
+        )
         for m in r.members:
             if m.rebuild:
                 rb.add_metric([self.volume.name, m.address], m.rebuild["done"])

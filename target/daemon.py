@@ -32,14 +32,16 @@ async def serve_target(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     starting = asyncio.create_task(volume.start())
-    await asyncio.wait([starting, asyncio.create_task(stop.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
     if not stop.is_set():
         starting.result()
         host, port = parse_address(nbd)
         port = await volume.serve_nbd(host, port)
-        print(f"volume {name}: nbd://{host}:{port}/{name} api http://{ahost}:{web.port}",
-              flush=True)
+        print(
+            f"volume {name}: nbd://{host}:{port}/{name} api http://{ahost}:{web.port}", flush=True
+        )
         await stop.wait()
     else:
         starting.cancel()

@@ -350,8 +350,9 @@ class Replicator:
         for t in list(self._tasks):
             t.cancel()
         live = [m for m in self.members if m.client and m.mode == Mode.RW]
-        await asyncio.gather(*(m.client.close_session() for m in live if m.client),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(m.client.close_session() for m in live if m.client), return_exceptions=True
+        )
         for m in self.members:
             if m.client:
                 m.client.close()

@@ -24,8 +24,11 @@ class StatsDevice:
         self._bytes = Counter("tandem_volume_bytes", "Bytes transferred", labels, registry=registry)
         self._errors = Counter("tandem_volume_errors", "Failed requests", labels, registry=registry)
         self._latency = Histogram(
-            "tandem_volume_latency_seconds", "Request latency", labels,
-            buckets=_BUCKETS, registry=registry,
+            "tandem_volume_latency_seconds",
+            "Request latency",
+            labels,
+            buckets=_BUCKETS,
+            registry=registry,
         )
         self._m = {
             op: (

@@ -48,6 +48,12 @@ class Volume:
 
     def status(self) -> dict[str, Any]:
         st = self.replicator.status()
-        return {"name": self.name, "size": self.size, **st,
-                "stats": {op: {"ops": t[0], "bytes": t[1], "errors": t[2]}
-                          for op, t in self.device.totals.items()}}
+        return {
+            "name": self.name,
+            "size": self.size,
+            **st,
+            "stats": {
+                op: {"ops": t[0], "bytes": t[1], "errors": t[2]}
+                for op, t in self.device.totals.items()
+            },
+        }

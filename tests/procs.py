@@ -37,8 +37,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
 
 def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 10) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -46,8 +47,9 @@ def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 
 class Proc:
     """A child process with its output in a log file; stop() is idempotent."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.args = name, args
         self.log = log_dir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
@@ -56,8 +58,12 @@ class Proc:
     def start(self) -> Proc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "maya", *self.args], stdout=log,
-                stderr=subprocess.STDOUT, cwd=ROOT, env=self.env, start_new_session=True,
+                [sys.executable, "-m", "maya", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=self.env,
+                start_new_session=True,
             )
         return self
 
@@ -100,9 +106,15 @@ class Proc:
 class Cluster:
     """N replicas and one target for a volume, all real processes on loopback."""
 
-    def __init__(self, base: Path, size: int = 64 << 20, replicas: int = 3,
-                 volume: str = "vol", timeout: float = 2.0, env: dict[str, str] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        base: Path,
+        size: int = 64 << 20,
+        replicas: int = 3,
+        volume: str = "vol",
+        timeout: float = 2.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.base, self.size, self.volume, self.timeout = base, size, volume, timeout
         self.env = env
         self.log_dir = base / "logs"
@@ -114,10 +126,25 @@ class Cluster:
 
     def _replica(self, i: int) -> Proc:
         data, api = self.replica_ports[i]
-        return Proc(f"replica-{i}", [
-            "replica", "serve", "--dir", str(self.base / f"r{i}"), "--size", str(self.size),
-            "--volume", self.volume, "--listen", f"{HOST}:{data}", "--api", f"{HOST}:{api}",
-        ], self.log_dir, self.env)
+        return Proc(
+            f"replica-{i}",
+            [
+                "replica",
+                "serve",
+                "--dir",
+                str(self.base / f"r{i}"),
+                "--size",
+                str(self.size),
+                "--volume",
+                self.volume,
+                "--listen",
+                f"{HOST}:{data}",
+                "--api",
+                f"{HOST}:{api}",
+            ],
+            self.log_dir,
+            self.env,
+        )
 
     @property
     def replica_addresses(self) -> list[str]:
@@ -137,9 +164,21 @@ class Cluster:
         wait_port(self.replica_ports[i][0], self.replicas[i].proc)
 
     def start_target(self, extra: list[str] | None = None) -> None:
-        args = ["target", "serve", "--volume", self.volume, "--size", str(self.size),
-                "--nbd", f"{HOST}:{self.nbd_port}", "--api", f"{HOST}:{self.api_port}",
-                "--replica-timeout", str(self.timeout), *(extra or [])]
+        args = [
+            "target",
+            "serve",
+            "--volume",
+            self.volume,
+            "--size",
+            str(self.size),
+            "--nbd",
+            f"{HOST}:{self.nbd_port}",
+            "--api",
+            f"{HOST}:{self.api_port}",
+            "--replica-timeout",
+            str(self.timeout),
+            *(extra or []),
+        ]
         for a in self.replica_addresses:
             args += ["--replica", a]
         self.target = Proc("target", args, self.log_dir, self.env).start()

@@ -51,7 +51,9 @@ class Writer:
                     continue  # one write per block at a time keeps "last acked" well defined
                 data = os.urandom(BLOCK)
                 self.in_flight[off] = data
-                self.h.aio_pwrite(data, off, completion=lambda e, o=off, d=data: self._done(o, d, e))
+                self.h.aio_pwrite(
+                    data, off, completion=lambda e, o=off, d=data: self._done(o, d, e)
+                )
                 issued += 1
                 if on_progress is not None:
                     on_progress(issued)  # type: ignore[operator]
@@ -162,8 +164,9 @@ def test_readd_replica_rebuilds_it(cluster: Cluster) -> None:
 
     t = threading.Thread(target=background)
     t.start()
-    http_json(f"{cluster.api}/v1/volume/replicas", "POST",
-              {"address": cluster.replica_addresses[0]})
+    http_json(
+        f"{cluster.api}/v1/volume/replicas", "POST", {"address": cluster.replica_addresses[0]}
+    )
     t.join(60)
     assert done.is_set()
     deadline = time.monotonic() + 60

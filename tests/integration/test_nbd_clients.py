@@ -60,7 +60,7 @@ def test_qemu_io_patterns_unaligned_and_last_block(cluster: Cluster) -> None:
         f"write -P 0x44 {last} 4096",
         f"write -P 0x55 {cluster.size - 1} 1",
     ]
-    run("qemu-io", "-f", "raw", cluster.uri, *sum((["-c", c] for c in cmds), []))
+    run("qemu-io", "-f", "raw", cluster.uri, *[a for c in cmds for a in ("-c", c)])
     checks = [
         "read -P 0x11 0 1000",
         "read -P 0x22 1000 3000",
@@ -70,7 +70,7 @@ def test_qemu_io_patterns_unaligned_and_last_block(cluster: Cluster) -> None:
         f"read -P 0x44 {last} 4095",
         f"read -P 0x55 {cluster.size - 1} 1",
     ]
-    out = run("qemu-io", "-f", "raw", cluster.uri, *sum((["-c", c] for c in checks), []))
+    out = run("qemu-io", "-f", "raw", cluster.uri, *[a for c in checks for a in ("-c", c)])
     assert "Pattern verification failed" not in out.stdout + out.stderr
 
 
@@ -84,8 +84,12 @@ def test_qemu_img_convert_and_compare(cluster: Cluster, tmp_path: Path) -> None:
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), cluster.uri)
     run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), cluster.uri)
     src.write_bytes(b"x" + src.read_bytes()[1:])
-    res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), cluster.uri],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), cluster.uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1, res.stdout + res.stderr  # and it does notice a difference
 
 
@@ -106,6 +110,9 @@ def test_replica_and_target_apis(cluster: Cluster) -> None:
     assert 'tandem_volume_replicas{mode="RW",volume="vol"} 3.0' in metrics
     assert 'tandem_volume_ops_total{op="write",volume="vol"}' in metrics
     assert "tandem_volume_latency_seconds_bucket" in metrics
-    rmetrics = urllib.request.urlopen(
-        f"http://127.0.0.1:{cluster.replica_ports[0][1]}/metrics").read().decode()
+    rmetrics = (
+        urllib.request.urlopen(f"http://127.0.0.1:{cluster.replica_ports[0][1]}/metrics")
+        .read()
+        .decode()
+    )
     assert 'tandem_replica_ops_total{op="write",volume="vol"}' in rmetrics

@@ -21,8 +21,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def sh(*args: str, timeout: float = 120) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True,
-                          timeout=timeout).stdout
+    return subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
 def test_ext4_on_nbdfuse(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -32,8 +31,11 @@ def test_ext4_on_nbdfuse(make_cluster, tmp_path: Path) -> None:  # type: ignore[
     mnt.mkdir()
     pidfile = tmp_path / "nbdfuse.pid"
     disk = fuse_dir / "disk.img"
-    fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(disk), cluster.uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    fuse = subprocess.Popen(
+        ["nbdfuse", "-P", str(pidfile), str(disk), cluster.uri],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     mounted = False
     try:
         deadline = time.monotonic() + 20

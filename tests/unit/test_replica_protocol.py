@@ -88,8 +88,12 @@ def test_random_bytes_give_requests_or_a_protocol_error(chunks: list[bytes]) -> 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**64 - 1),
-    st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=64),
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=64),
 )
 def test_well_framed_mutations_validate_cleanly(
     op: int, flags: int, tag: int, offset: int, length: int, payload: bytes
