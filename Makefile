@@ -9,7 +9,7 @@ APT_PACKAGES := gcc make pkg-config python3-dev python3-venv libffi-dev liburing
 	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt run test lint fmt clean
+.PHONY: setup apt run test lint fmt clean perf
 
 setup: apt $(STAMP)
 
@@ -44,3 +44,8 @@ fmt: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/_native*.so native/_native.c
+
+# Side-by-side benchmark against tgtd, nbdkit and qemu-nbd (not part of `make test`):
+# make perf PERF_ARGS="--quick --only tandem-nbd-1,nbdkit"
+perf: setup
+	$(BIN)/python -m perf.run $(PERF_ARGS)

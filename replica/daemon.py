@@ -17,6 +17,11 @@ log = logging.getLogger("tandem.replica")
 
 
 async def serve_replica(directory: Path, size: int, listen: str, api: str, volume: str) -> None:
+    # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     store = ReplicaStore.open_or_create(directory, size, volume)
     if store.was_dirty:
         log.warning("replica at %s was not closed cleanly (dirty)", directory)
@@ -29,10 +34,6 @@ async def serve_replica(directory: Path, size: int, listen: str, api: str, volum
     print(
         f"replica {directory}: data {host}:{server.port} api http://{ahost}:{web.port}", flush=True
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping replica at %s", directory)
     await server.close()

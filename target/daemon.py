@@ -23,14 +23,15 @@ async def serve_target(
     replica_count: int | None,
     replica_timeout: float,
 ) -> None:
-    volume = Volume(name, size, replicas, replica_count, replica_timeout)
-    ahost, aport = parse_address(api)
-    web = WebServer(make_app(volume), ahost, aport)
-    await web.start()
+    # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    volume = Volume(name, size, replicas, replica_count, replica_timeout)
+    ahost, aport = parse_address(api)
+    web = WebServer(make_app(volume), ahost, aport)
+    await web.start()
     starting = asyncio.create_task(volume.start())
     await asyncio.wait(
         [starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
