@@ -178,3 +178,23 @@ def test_readd_replica_rebuilds_it(cluster: Cluster) -> None:
     cluster.replicas[2].kill9()
     h4 = connect(cluster.uri)
     w.verify(h4)
+
+
+def test_hung_replica_is_dropped_after_its_deadline(cluster: Cluster) -> None:
+    """SIGSTOP: the replica neither fails nor answers; its deadline (2 s here) drops it."""
+    import signal
+
+    h = connect(cluster.uri)
+    w = Writer(h, cluster.size, seed=7)
+    w.run(200)
+    cluster.replicas[0].signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        w.run(300)
+        elapsed = time.monotonic() - t0
+        assert w.errors == 0
+        assert elapsed < cluster.timeout + 3, f"volume stalled {elapsed:.1f}s"
+        assert cluster.modes() == ["ERR", "RW", "RW"]
+    finally:
+        cluster.replicas[0].signal(signal.SIGCONT)
+    w.verify(h)
