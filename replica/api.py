@@ -5,11 +5,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, Field
 
+from replica import faults
 from replica.server import ReplicaServer
+
+
+class FaultSpec(BaseModel):
+    name: str = Field(
+        description="replica.<op> (read, write, flush, unmap, write_zeroes) or replica.*"
+    )
+    action: str = Field(description="delay | fail | hang | drop | crash")
+    arg: float = Field(0.0, description="seconds for delay; errno for fail")
+    count: int | None = Field(None, ge=1, description="how many requests (default: until cleared)")
 
 
 class _Collector:
@@ -44,7 +55,7 @@ def _counter(name: str, doc: str, vol: str, value: int) -> CounterMetricFamily:
     return fam
 
 
-def make_app(server: ReplicaServer) -> FastAPI:
+def make_app(server: ReplicaServer, debug: bool = False) -> FastAPI:
     app = FastAPI(title="Tandem replica", version="1")
     registry = CollectorRegistry()
     registry.register(_Collector(server))  # type: ignore[arg-type]
@@ -65,4 +76,27 @@ def make_app(server: ReplicaServer) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    if debug:
+        _debug_routes(app)
     return app
+
+
+def _debug_routes(app: FastAPI) -> None:
+    """Fault injection for tests (only with --debug-api)."""
+
+    @app.get("/v1/debug/faults")
+    def get_faults() -> dict[str, Any]:
+        return faults.active_faults()
+
+    @app.put("/v1/debug/faults")
+    def put_fault(spec: FaultSpec) -> dict[str, Any]:
+        try:
+            faults.set_fault(spec.name, spec.action, spec.arg, spec.count)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+        return faults.active_faults()
+
+    @app.delete("/v1/debug/faults")
+    def clear() -> dict[str, Any]:
+        faults.clear_faults()
+        return {}

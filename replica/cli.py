@@ -33,7 +33,13 @@ def replica() -> None:
 )
 @click.option("--api", default="127.0.0.1:9503", show_default=True, help="REST API address.")
 @click.option("--volume", default="", help="Volume name recorded in a new replica.")
-def serve(directory: Path, size: str, listen: str, api: str, volume: str) -> None:
+@click.option(
+    "--debug-api",
+    is_flag=True,
+    envvar="TANDEM_DEBUG_API",
+    help="Enable the fault-injection endpoints (/v1/debug/faults) for tests.",
+)
+def serve(directory: Path, size: str, listen: str, api: str, volume: str, debug_api: bool) -> None:
     """Serve a replica directory over the replica data protocol."""
     from replica.daemon import serve_replica
 
@@ -41,6 +47,6 @@ def serve(directory: Path, size: str, listen: str, api: str, volume: str) -> Non
     try:
         nbytes = parse_size(size)
         directory.mkdir(parents=True, exist_ok=True)
-        asyncio.run(serve_replica(directory, nbytes, listen, api, volume))
+        asyncio.run(serve_replica(directory, nbytes, listen, api, volume, debug_api))
     except (StoreError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

@@ -161,6 +161,17 @@ class ReplicaClient(asyncio.Protocol):
         resp = await self.request(Op.BLOCK_STATUS, offset, length)
         return [Extent(o, n, f) for o, n, f in json.loads(resp.payload)]
 
+    async def checksum(self, offset: int, length: int) -> int:
+        """CRC32C of the replica's data in the range (computed on the replica)."""
+        resp = await self.request(Op.CHECKSUM, offset, length)
+        return int.from_bytes(resp.payload, "little")
+
+    async def attrs(self) -> dict[str, Any]:
+        return await self._json(Op.ATTRS)
+
+    async def set_attrs(self, changes: dict[str, Any]) -> None:
+        await self._json(Op.SET_ATTRS, changes)
+
     async def ping(self) -> None:
         await self.request(Op.PING)
 

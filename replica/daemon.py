@@ -7,6 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
+from replica import faults
 from replica.api import make_app
 from replica.client import parse_address
 from replica.server import ReplicaServer
@@ -16,7 +17,9 @@ from replica.webserver import WebServer
 log = logging.getLogger("tandem.replica")
 
 
-async def serve_replica(directory: Path, size: int, listen: str, api: str, volume: str) -> None:
+async def serve_replica(
+    directory: Path, size: int, listen: str, api: str, volume: str, debug_api: bool = False
+) -> None:
     # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -28,7 +31,8 @@ async def serve_replica(directory: Path, size: int, listen: str, api: str, volum
     server = ReplicaServer(store)
     host, port = parse_address(listen)
     ahost, aport = parse_address(api)
-    web = WebServer(make_app(server), ahost, aport)
+    faults.load_env_faults()
+    web = WebServer(make_app(server, debug=debug_api), ahost, aport)
     await server.start(host, port)
     await web.start()
     print(

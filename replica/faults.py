@@ -49,3 +49,69 @@ def disarm(name: str) -> None:
 
 def disarm_all() -> None:
     _armed.clear()
+
+
+# --- I/O faults: delay, fail, hang a request; drop its connection; crash -------------------
+#
+# Named `replica.<op>` (e.g. replica.write) or `replica.*` for every data op. Off unless set
+# through the environment (TANDEM_FAULTS="replica.write=delay:0.5,replica.read=fail:5") or the
+# replica's debug API (`--debug-api`). Unset, the check per request is one dict truthiness.
+
+FAULTS_ENV = "TANDEM_FAULTS"
+ACTIONS = ("delay", "fail", "hang", "drop", "crash")
+
+
+class Fault:
+    def __init__(self, action: str, arg: float = 0.0, count: int | None = None) -> None:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown fault action {action!r}; one of {', '.join(ACTIONS)}")
+        if action in ("delay", "fail") and arg <= 0:
+            raise ValueError(f"fault {action} needs a positive argument")
+        self.action, self.arg, self.remaining = action, arg, count
+
+    def as_dict(self) -> dict[str, object]:
+        return {"action": self.action, "arg": self.arg, "remaining": self.remaining}
+
+
+_faults: dict[str, Fault] = {}
+
+
+def set_fault(name: str, action: str, arg: float = 0.0, count: int | None = None) -> None:
+    _faults[name] = Fault(action, arg, count)
+
+
+def clear_faults(name: str | None = None) -> None:
+    if name is None:
+        _faults.clear()
+    else:
+        _faults.pop(name, None)
+
+
+def active_faults() -> dict[str, dict[str, object]]:
+    return {n: f.as_dict() for n, f in _faults.items()}
+
+
+def io_fault(area: str, op: str) -> Fault | None:
+    """The fault armed for `area.op` (or `area.*`), consuming one use of it."""
+    if not _faults:
+        return None
+    f = _faults.get(f"{area}.{op}") or _faults.get(f"{area}.*")
+    if f is None:
+        return None
+    if f.remaining is not None:
+        f.remaining -= 1
+        if f.remaining <= 0:
+            for k, v in list(_faults.items()):
+                if v is f:
+                    del _faults[k]
+    if f.action == "crash":
+        os._exit(CRASH_EXIT)
+    return f
+
+
+def load_env_faults() -> None:
+    """Arm the faults the environment names (parsed once, at process start)."""
+    for item in filter(None, (x.strip() for x in os.environ.get(FAULTS_ENV, "").split(","))):
+        name, _, spec = item.partition("=")
+        action, _, arg = spec.partition(":")
+        set_fault(name.strip(), action.strip(), float(arg) if arg else 0.0)

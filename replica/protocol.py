@@ -30,7 +30,10 @@ Response (24-byte header, then `payload_len` bytes):
 Ops: READ, WRITE, FLUSH, UNMAP, WRITE_ZEROES (flags bit 1 NO_HOLE keeps it allocated), PING,
 INFO (replica state as JSON), OPEN (JSON {"epoch": N}: a target opens the replica for writing
 and fences out older epochs), SET_GENERATION (JSON {"generation": N}), CLOSE (clean close),
-BLOCK_STATUS (JSON list of [offset, length, flags]), SNAPSHOT (JSON {"name": ...}).
+BLOCK_STATUS (JSON list of [offset, length, flags]), SNAPSHOT (JSON {"name": ...}),
+CHECKSUM (the CRC32C of the range's data as 4 little-endian bytes; rebuild verification),
+ATTRS (all volume attributes as a JSON object) and SET_ATTRS (JSON object of keys to set;
+null deletes): small durable state kept with the data, e.g. SCSI persistent reservations.
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the
@@ -75,14 +78,26 @@ class Op(IntEnum):
     CLOSE = 10
     BLOCK_STATUS = 11
     SNAPSHOT = 12
+    CHECKSUM = 13
+    ATTRS = 14
+    SET_ATTRS = 15
 
 
 # Ops that change the replica: only on a connection opened with the current epoch.
 MUTATING = frozenset(
-    {Op.WRITE, Op.FLUSH, Op.UNMAP, Op.WRITE_ZEROES, Op.SET_GENERATION, Op.CLOSE, Op.SNAPSHOT}
+    {
+        Op.WRITE,
+        Op.FLUSH,
+        Op.UNMAP,
+        Op.WRITE_ZEROES,
+        Op.SET_GENERATION,
+        Op.CLOSE,
+        Op.SNAPSHOT,
+        Op.SET_ATTRS,
+    }
 )
 # Ops whose payload is JSON.
-JSON_OPS = frozenset({Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT})
+JSON_OPS = frozenset({Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT, Op.SET_ATTRS})
 
 
 class Status(IntEnum):
@@ -226,10 +241,10 @@ def validate(req: Request, size: int) -> tuple[int, str] | None:
         return Status.ENOTSUP, f"unknown op {req.op}"
     if req.flags & ~(FLAG_FUA | FLAG_NO_HOLE):
         return Status.EINVAL, f"unknown flags {req.flags:#x}"
-    if op in (Op.READ, Op.WRITE, Op.UNMAP, Op.WRITE_ZEROES, Op.BLOCK_STATUS):
+    if op in (Op.READ, Op.WRITE, Op.UNMAP, Op.WRITE_ZEROES, Op.BLOCK_STATUS, Op.CHECKSUM):
         if req.offset + req.length > size:
             return Status.EINVAL, f"range {req.offset}+{req.length} beyond size {size}"
-        if op == Op.READ and req.length > MAX_PAYLOAD:
+        if op in (Op.READ, Op.CHECKSUM) and req.length > MAX_PAYLOAD:
             return Status.EINVAL, f"read of {req.length} bytes exceeds the limit"
         if op == Op.WRITE and req.length != len(req.payload):
             return Status.EINVAL, "write length differs from its payload"

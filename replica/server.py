@@ -10,14 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
+from native import crc32c
+from replica import faults
 from replica import protocol as p
 from replica.block import BlockError
 from replica.protocol import Op, Request, Status
-from replica.store import Fenced, ReplicaStore, StoreError
+from replica.store import MAX_ATTRS_BYTES, Fenced, ReplicaStore, StoreError
 
 log = logging.getLogger("tandem.replica")
+
+# Data ops that fault injection can touch, by the name used in fault specs.
+_FAULT_OPS = {
+    op.value: op.name.lower()
+    for op in (Op.READ, Op.WRITE, Op.FLUSH, Op.UNMAP, Op.WRITE_ZEROES, Op.CHECKSUM)
+}
 
 
 class ReplicaStats:
@@ -68,6 +77,7 @@ class ReplicaServer:
             "was_dirty": self.store.was_dirty,
             "chain": [layer.file for layer in m.chain],
             "snapshots": self.store.snapshots(),
+            "dirty_regions": self.store.dirty_regions(),
             "state": self.state,
         }
 
@@ -80,6 +90,7 @@ class _Connection(asyncio.Protocol):
         self.epoch: int | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self._held: Request | None = None  # a request a delay/hang fault holds back
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -102,14 +113,60 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle every complete request, in order, unless a delay fault holds one."""
+        if self._held is not None:
+            return
         try:
             while (req := self.decoder.next()) is not None:
+                if faults._faults and req.op in _FAULT_OPS and self._inject(req):
+                    return
                 self._handle(req)
         except p.ProtocolError as e:
             log.warning("closing %s: %s", self.peer, e)
             self._send(p.encode_error(0, Status.EPROTO, str(e)))
             assert self.transport is not None
             self.transport.close()
+
+    def _inject(self, req: Request) -> bool:
+        """Apply an armed I/O fault; True when the connection must stop processing for now."""
+        name = _FAULT_OPS[req.op]
+        f = faults.io_fault("replica", name)
+        if f is None or self.transport is None:
+            return False
+        if f.action == "drop":
+            log.warning("fault: dropping connection %s at %s", self.peer, name)
+            self.transport.abort()
+            return True
+        if f.action == "fail":
+            self._send(p.encode_error(req.tag, int(f.arg), f"injected fault on {name}"))
+            return False  # answered; go on with the next request
+        # delay / hang: hold this request (and, to keep order, everything behind it)
+        self._held = req
+        self.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        if f.action == "delay":
+            loop.call_later(f.arg, self._release)
+        else:
+            loop.call_later(0.1, self._release_when_cleared, name)
+        return True
+
+    def _release_when_cleared(self, name: str) -> None:
+        armed = faults._faults.get(f"replica.{name}") or faults._faults.get("replica.*")
+        if armed is not None and armed.action == "hang":
+            asyncio.get_running_loop().call_later(0.1, self._release_when_cleared, name)
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        req, self._held = self._held, None
+        if req is None or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._handle(req)
+        self._pump()
 
     def _handle(self, req: Request) -> None:
         stats = self.server.stats
@@ -143,6 +200,9 @@ class _Connection(asyncio.Protocol):
                 punch = not req.flags & p.FLAG_NO_HOLE
                 self.store.write_zeroes(req.offset, req.length, punch=punch)
                 self._send(p.encode_response(req.tag))
+            elif op == Op.CHECKSUM:
+                crc = crc32c(self.store.read(req.offset, req.length))
+                self._send(p.encode_response(req.tag, 0, crc.to_bytes(4, "little")))
             elif op == Op.BLOCK_STATUS:
                 ext = self.store.block_status(req.offset, req.length)
                 body = json.dumps([[e.offset, e.length, e.flags] for e in ext]).encode()
@@ -184,6 +244,13 @@ class _Connection(asyncio.Protocol):
             self.store.end_session()
             self.epoch = None
             self._send(p.encode_response(req.tag))
+        elif op == Op.ATTRS:
+            self._send(p.encode_response(req.tag, 0, json.dumps(self.store.attrs()).encode()))
+        elif op == Op.SET_ATTRS:
+            if len(req.payload) > MAX_ATTRS_BYTES:
+                raise ValueError("attributes too large")
+            self.store.set_attrs(req.json())
+            self._send(p.encode_response(req.tag))
         elif op == Op.SNAPSHOT:
             name = req.json().get("name")
             if not isinstance(name, str) or not name:
@@ -193,8 +260,10 @@ class _Connection(asyncio.Protocol):
 
     def _flush_then_reply(self, tag: int) -> None:
         async def run() -> None:
+            started = time.monotonic()
             try:
                 await asyncio.to_thread(self.store.flush)
+                self.store.flushed(started)  # on the loop thread, like every write
                 self._send(p.encode_response(tag))
             except BlockError as e:
                 self._send(p.encode_error(tag, e.errno, str(e)))

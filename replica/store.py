@@ -52,6 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from replica.block import (
     STATE_HOLE,
@@ -63,12 +64,16 @@ from replica.block import (
     check_range,
 )
 from replica.faults import crash_point
+from replica.intent import WriteIntent
 from replica.meta import Layer, MetaError, ReplicaMeta, read_json, write_json_atomic
 
 log = logging.getLogger("tandem.replica.store")
 
 BLOCK = 4096
 META_FILE = "volume.json"
+INTENT_FILE = "intent.bin"
+ATTRS_FILE = "attrs.json"
+MAX_ATTRS_BYTES = 1 << 20
 MAX_LAYERS = 255  # base[] is a bytearray of index+1 values; 0xFF must stay free (see _sources)
 _LAYER_RE = re.compile(r"layer-(\d{6,})\.img")
 _HEAD_MARK = 0xFF
@@ -268,6 +273,7 @@ class ReplicaStore:
         try:
             _remove_orphans(directory, {layer.file for layer in self.meta.chain})
             self._open_layers()
+            self.intent = WriteIntent(directory / INTENT_FILE, self.meta.size)
         except BaseException as e:
             for fd in self._fds:  # the caller owns (and closes) dirfd
                 os.close(fd)
@@ -428,6 +434,7 @@ class ReplicaStore:
         check_range(self.size, offset, length)
         if not length:
             return
+        self._intend(offset, length)
         end = offset + length
         b0, b1 = offset // BLOCK, -(-end // BLOCK)
         lead = offset - b0 * BLOCK
@@ -484,6 +491,7 @@ class ReplicaStore:
         check_range(self.size, offset, length)
         if not length:
             return
+        self._intend(offset, length)
         end = offset + length
         c0, c1 = -(-offset // BLOCK), end // BLOCK  # the whole blocks inside the range
         if c0 > c1:
@@ -516,6 +524,22 @@ class ReplicaStore:
     def write_zeroes(self, offset: int, length: int, punch: bool = True) -> None:
         """Zero the range; punch=False keeps it allocated (NBD NO_HOLE)."""
         self._zero(offset, length, punch)
+
+    def _intend(self, offset: int, length: int) -> None:
+        try:
+            self.intent.before_write(offset, length)
+        except OSError as e:
+            raise _io_error(e, "record write intent") from e
+
+    def flushed(self, flush_started: float) -> None:
+        """A flush that began at monotonic time `flush_started` completed: let the write-intent
+        log forget regions idle since well before it. Call from the thread that writes."""
+        with contextlib.suppress(OSError):
+            self.intent.flushed(flush_started)
+
+    def dirty_regions(self) -> list[tuple[int, int]]:
+        """Byte ranges that may hold writes not yet durable here (see replica/intent.py)."""
+        return self.intent.ranges()
 
     def flush(self) -> None:
         """fdatasync the head; lower layers are read-only and were synced when frozen.
@@ -576,6 +600,32 @@ class ReplicaStore:
                 pending = (start, stop)
         if pending:
             yield pending[0], pending[1] - pending[0]
+
+    # --- volume attributes -------------------------------------------------------------------
+
+    def attrs(self) -> dict[str, Any]:
+        """Small durable key-value state kept with the volume's data (e.g. SCSI persistent
+        reservations), replicated by the target like the data itself."""
+        try:
+            return read_json(self.directory / ATTRS_FILE)
+        except FileNotFoundError:
+            return {}
+        except (OSError, MetaError) as e:
+            raise MediumError(f"cannot read {ATTRS_FILE}: {e}") from e
+
+    def set_attrs(self, changes: dict[str, Any]) -> None:
+        """Set keys (a value of None deletes the key); crash-safe like the metadata."""
+        self._check_open()
+        current = self.attrs()
+        for key, value in changes.items():
+            if value is None:
+                current.pop(key, None)
+            else:
+                current[key] = value
+        try:
+            write_json_atomic(self.directory / ATTRS_FILE, current)
+        except OSError as e:
+            raise _io_error(e, "write volume attributes") from e
 
     # --- snapshots ----------------------------------------------------------------------------
 
@@ -694,6 +744,10 @@ class ReplicaStore:
     def end_session(self) -> None:
         """The target is done writing: sync all data, then record the replica as clean."""
         self.flush()
+        try:
+            self.intent.clear_all()
+        except OSError as e:
+            raise _io_error(e, "clear write intent") from e
         if self.meta.dirty:
             self._persist(dirty=False)
 
@@ -706,6 +760,7 @@ class ReplicaStore:
                 self.end_session()
         finally:
             self._closed = True
+            self.intent.close()
             self._close_fds()
 
     def _close_fds(self) -> None:

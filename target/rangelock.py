@@ -3,13 +3,14 @@
 A rebuild copies a chunk from a current replica to a rebuilding one. A write to that chunk
 in flight at the same time could land on the rebuilding replica before the copy of older
 data does and be overwritten by it. The copy therefore holds the chunk exclusively: it waits
-for overlapping writes in flight and holds new ones back until the chunk is copied.
-Writes among themselves never wait for each other here.
+for overlapping writes in flight and holds new ones back until the chunk is copied. Several
+copies (disjoint chunks) run at once; writes among themselves never wait for each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,38 +22,46 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 class RangeLock:
     def __init__(self) -> None:
         self._shared: dict[int, tuple[int, int]] = {}
-        self._next = 0
-        self._exclusive: tuple[int, int] | None = None
-        self._exclusive_done = asyncio.Event()
-        self._shared_changed = asyncio.Event()
+        self._exclusive: dict[int, tuple[int, int]] = {}
+        self._keys = itertools.count()
+        self._changed = asyncio.Event()
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._shared or self._exclusive)
 
     @asynccontextmanager
     async def shared(self, start: int, end: int) -> AsyncIterator[None]:
         rng = (start, end)
-        while self._exclusive is not None and _overlaps(rng, self._exclusive):
-            await self._exclusive_done.wait()
-        self._next += 1
-        key = self._next
+        while self._exclusive and any(_overlaps(rng, x) for x in self._exclusive.values()):
+            await self._wait()
+        key = next(self._keys)
         self._shared[key] = rng
         try:
             yield
         finally:
             del self._shared[key]
-            if self._exclusive is not None:
-                self._shared_changed.set()
+            if self._exclusive:
+                self._notify()
 
     @asynccontextmanager
     async def exclusive(self, start: int, end: int) -> AsyncIterator[None]:
         rng = (start, end)
-        while self._exclusive is not None:
-            await self._exclusive_done.wait()
-        self._exclusive = rng
-        self._exclusive_done.clear()
+        while any(_overlaps(rng, x) for x in self._exclusive.values()):
+            await self._wait()
+        key = next(self._keys)
+        self._exclusive[key] = rng  # from here on, new overlapping writes wait
         try:
-            while any(_overlaps(rng, r) for r in self._shared.values()):
-                self._shared_changed.clear()
-                await self._shared_changed.wait()
+            while any(_overlaps(rng, x) for x in self._shared.values()):
+                await self._wait()
             yield
         finally:
-            self._exclusive = None
-            self._exclusive_done.set()
+            del self._exclusive[key]
+            self._notify()

@@ -5,20 +5,26 @@ Rules (DESIGN.md, principle 4):
   them has answered or been dropped, and only if a quorum (RF//2+1 of the configured
   replica count) of RW replicas wrote it. Otherwise the caller gets an error: a write is
   never acknowledged below quorum.
-- A replica that fails a request or misses the per-request deadline is marked ERR and
-  dropped. Before any further write is acknowledged, the generation of the remaining RW
-  replicas is bumped (one synchronous metadata write each), so a dropped replica can never
-  later pass for current: it holds an older generation than every replica that took writes
-  it missed.
+- Slow is failed: a replica that fails a request or misses the per-request deadline is
+  marked ERR and dropped. While the RW replicas are down to the bare quorum, they get a
+  longer deadline, so one hiccup shared by all does not fail the volume.
+- Before any further write is acknowledged after a drop, the generation of the remaining
+  RW replicas is bumped (one synchronous metadata write each), so a dropped replica can
+  never later pass for current: it holds an older generation than every replica that took
+  writes it missed. From the drop on, the target records which regions it missed.
 - Reads go to one RW replica (round robin); on error that replica is dropped and another
   tried. Below quorum the volume is read-only but keeps serving reads.
-- At start the target connects to the replicas and waits until it reaches a quorum of them
-  (fewer could all be stale). The replicas with the highest generation are current; the rest
-  are stale (ERR) and never serve reads or act as a rebuild source. The target opens the
-  current ones with a new epoch (fencing out any older target) and bumps their generation.
-- A replica added back (API) is rebuilt: it joins as WO (takes writes, serves no reads),
-  receives a copy of every chunk from a current replica under a range lock, and only then
-  gets the current generation and turns RW.
+- Selection, at start and whenever no RW replica is left: wait until a quorum of replicas
+  answers (fewer could all be stale); those with the highest generation are current, the
+  rest stale (ERR: never read from, never a rebuild source). Open the current ones with a
+  new epoch (fencing out any older target), resynchronise the regions their write-intent
+  logs mark (they may differ after a crash; see replica/intent.py), bump the generation.
+- Healing: ERR replicas are retried with backoff. One that answers joins as WO (takes
+  writes, serves no reads) and is rebuilt from a current replica: incrementally (the
+  regions missed while it was away plus its own marked regions) when this target tracked
+  it since it was current, else fully (allocated extents only). Chunks are copied under
+  an exclusive range lock and verified by checksum; only then does it get the current
+  generation and turn RW. The volume becomes writable again by itself at quorum.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ import asyncio
 import errno
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from replica.client import ReplicaClient, ReplicaDown
+from replica.faults import crash_point
 from target.blockdev import (
     BlockError,
     Extent,
@@ -41,11 +48,13 @@ from target.blockdev import (
     check_range,
 )
 from target.rangelock import RangeLock
+from target.rebuild import Progress, RateLimiter, chunks, copy_chunk, run_workers
+from target.regions import RegionMap, merge_ranges
 
 log = logging.getLogger("tandem.replicator")
 
 BLOCK = 4096
-REBUILD_CHUNK = 1024 * 1024
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
 
 
 class Mode(StrEnum):
@@ -61,8 +70,15 @@ class Member:
     client: ReplicaClient | None = None
     error: str | None = "not connected"
     generation: int | None = None
-    rebuild: dict[str, Any] | None = None
-    since: float = field(default_factory=time.time)
+    uuid: str | None = None
+    # Regions written while this replica was away; None = unknown (a full rebuild needed).
+    missed: RegionMap | None = None
+    missed_since: int | None = None  # its generation when the tracking began
+    rebuild: Progress | None = None
+    last_rebuild: dict[str, Any] | None = None
+    backoff: float = BACKOFF_FIRST
+    next_try: float = 0.0
+    rebuilds: int = 0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -70,7 +86,9 @@ class Member:
             "mode": self.mode.value,
             "error": self.error,
             "generation": self.generation,
-            "rebuild": self.rebuild,
+            "rebuild": self.rebuild.as_dict() if self.rebuild else None,
+            "rebuilds": self.rebuilds,
+            "last_rebuild": self.last_rebuild,
         }
 
 
@@ -86,23 +104,34 @@ class Replicator:
         addresses: list[str],
         replica_count: int | None = None,
         timeout: float = 5.0,
+        timeout_last: float | None = None,
+        rebuild_rate: int = 0,
+        heal: bool = True,
     ) -> None:
         if size <= 0 or size % BLOCK:
             raise ValueError(f"volume size must be a positive multiple of {BLOCK}")
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("a replica address is listed twice")
         self.volume = volume
         self._size = size
         self.timeout = timeout
+        self.timeout_last = max(timeout, timeout_last if timeout_last is not None else 6 * timeout)
         self.members = [Member(a) for a in addresses]
         self.replica_count = replica_count or len(addresses)
         self.quorum = self.replica_count // 2 + 1
         self.epoch = 0
         self.generation = 0
+        self.limiter = RateLimiter(rebuild_rate)
+        self.resynced_bytes = 0
+        self._heal_enabled = heal
         self._rr = 0
         self._membership = asyncio.Lock()
         self._stable = asyncio.Event()  # clear while a generation bump is in progress
         self._stable.set()
         self._ranges = RangeLock()
+        self._attr_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     # --- BlockDevice ------------------------------------------------------------------
 
@@ -140,17 +169,34 @@ class Replicator:
     async def flush(self) -> None:
         await self._mutate(0, 0, lambda c: c.flush(), locked=False)
 
+    # --- volume attributes (small durable state, e.g. SCSI reservations) -----------------
+
+    async def get_attr(self, key: str) -> Any | None:
+        attrs = await self._read_any(lambda c: c.attrs())
+        return attrs.get(key)
+
+    async def put_attr(self, key: str, value: Any) -> None:
+        """Durable on a quorum like a write; None deletes the key."""
+        async with self._attr_lock:
+            await self._mutate(0, 0, lambda c: c.set_attrs({key: value}), locked=False)
+
+    async def _copy_attrs(self, src: ReplicaClient, dst: ReplicaClient) -> None:
+        async with self._attr_lock:  # no update may slip between the read and the copy
+            want, have = await asyncio.gather(src.attrs(), dst.attrs())
+            if want != have:
+                await dst.set_attrs({**dict.fromkeys(have), **want})
+
     # --- the write rule ---------------------------------------------------------------
 
     async def _mutate(self, offset: int, length: int, op: Any, locked: bool = True) -> None:
         if self.readonly:
             raise QuorumError(self._quorum_message())
-        start, end = offset // BLOCK * BLOCK, -(-(offset + length) // BLOCK) * BLOCK
         if locked:
+            start, end = offset // BLOCK * BLOCK, -(-(offset + length) // BLOCK) * BLOCK
             async with self._ranges.shared(start, end):
-                await self._fan_out(op)
+                await self._fan_out(op, offset, length)
         else:
-            await self._fan_out(op)
+            await self._fan_out(op, offset, length)
         # A generation bump in progress means some replica just missed writes: no write is
         # acknowledged until the survivors carry the new generation.
         if not self._stable.is_set():
@@ -158,8 +204,13 @@ class Replicator:
         if self.readonly:
             raise QuorumError(self._quorum_message())
 
-    async def _fan_out(self, op: Any) -> None:
-        targets = [m for m in self.members if m.mode in (Mode.RW, Mode.WO) and m.client]
+    async def _fan_out(self, op: Any, offset: int, length: int) -> None:
+        targets = []
+        for m in self.members:
+            if m.mode != Mode.ERR and m.client is not None:
+                targets.append(m)
+            elif m.missed is not None and length:
+                m.missed.mark(offset, length)
         results = await asyncio.gather(*(op(m.client) for m in targets), return_exceptions=True)
         ok = 0
         errors: list[BaseException] = []
@@ -169,6 +220,8 @@ class Replicator:
                     raise r
                 errors.append(r)
                 await self._drop(m, r)
+                if m.missed is not None and length:
+                    m.missed.mark(offset, length)
             elif m.mode == Mode.RW:
                 ok += 1
         if ok < self.quorum:
@@ -180,21 +233,23 @@ class Replicator:
                 f"{self.quorum}{detail}"
             )
 
+    def _reader(self) -> Member | None:
+        readers = [m for m in self.members if m.mode == Mode.RW and m.client]
+        if not readers:
+            return None
+        self._rr = (self._rr + 1) % len(readers)
+        return readers[self._rr]
+
     async def _read_any(self, op: Any) -> Any:
         last: BaseException | None = None
         for _ in range(len(self.members)):
-            readers = [m for m in self.members if m.mode == Mode.RW and m.client]
-            if not readers:
+            m = self._reader()
+            if m is None:
                 break
-            self._rr = (self._rr + 1) % len(readers)
-            m = readers[self._rr]
             try:
                 return await op(m.client)
-            except ReplicaDown as e:
-                last = e
-                await self._drop(m, e)
             except BlockError as e:
-                if e.errno == errno.EINVAL:
+                if e.errno == errno.EINVAL and not isinstance(e, ReplicaDown):
                     raise
                 last = e
                 await self._drop(m, e)
@@ -208,21 +263,35 @@ class Replicator:
 
     # --- membership -------------------------------------------------------------------
 
+    def _set_mode(self, m: Member, mode: Mode, error: str | None = None) -> None:
+        m.mode, m.error = mode, error
+        if mode == Mode.ERR and m.client is not None:
+            m.client.close()
+            m.client = None
+        self._update_deadlines()
+
+    def _update_deadlines(self) -> None:
+        """The bare quorum gets the long deadline: losing one of them fails the volume."""
+        last = self.count(Mode.RW) <= self.quorum
+        for m in self.members:
+            if m.client is not None:
+                m.client.timeout = self.timeout_last if last and m.mode == Mode.RW else self.timeout
+
     async def _drop(self, m: Member, why: BaseException | str) -> None:
-        """Mark m ERR and bump the generation of the remaining RW replicas."""
+        """Mark m ERR, start recording what it misses, bump the survivors' generation."""
         if m.mode == Mode.ERR:
             if not self._stable.is_set():
                 await self._stable.wait()
             return
         was_rw = m.mode == Mode.RW
-        m.mode, m.error, m.since = Mode.ERR, str(why), time.time()
-        if m.client is not None:
-            m.client.close()
-            m.client = None
+        if was_rw:  # it was complete: from now on we know exactly what it misses
+            m.missed, m.missed_since = RegionMap(self._size), m.generation
+        self._set_mode(m, Mode.ERR, str(why))
+        m.next_try = time.monotonic() + m.backoff
         log.warning("replica %s dropped: %s", m.address, why)
         if was_rw:
             await self._bump_generation()
-        if self.readonly:
+        if self.readonly and not self._closing:
             log.error("%s", self._quorum_message())
 
     async def _bump_generation(self) -> None:
@@ -231,32 +300,37 @@ class Replicator:
             async with self._membership:
                 while True:
                     self.generation += 1
-                    rw = [m for m in self.members if m.mode == Mode.RW and m.client]
                     gen = self.generation
+                    rw = [m for m in self.members if m.mode == Mode.RW and m.client]
                     results = await asyncio.gather(
                         *(m.client.set_generation(gen) for m in rw if m.client),
                         return_exceptions=True,
                     )
-                    failed = [(m, r) for m, r in zip(rw, results, strict=True) if r is not None]
-                    for m, r in failed:
-                        m.mode, m.error = Mode.ERR, f"generation update failed: {r}"
-                        if m.client:
-                            m.client.close()
-                            m.client = None
-                    for m in rw:
-                        if m.mode == Mode.RW:
+                    failed = False
+                    for m, r in zip(rw, results, strict=True):
+                        if r is None:
                             m.generation = gen
+                        elif m.mode == Mode.RW:
+                            failed = True
+                            m.missed, m.missed_since = RegionMap(self._size), m.generation
+                            self._set_mode(m, Mode.ERR, f"generation update failed: {r}")
                     if not failed:
                         break
         finally:
             self._stable.set()
 
-    async def start(self, wait: float | None = None) -> None:
-        """Connect, find the current replicas, open them with a new epoch.
+    # --- selection of the current replicas --------------------------------------------
 
-        Waits (retrying) until a quorum of replicas answers, because fewer could all be
-        stale. `wait=None` waits forever; otherwise raises QuorumError after `wait` seconds.
-        """
+    async def start(self, wait: float | None = None) -> None:
+        """Select the current replicas (see the module docstring) and start healing.
+
+        `wait=None` waits for a quorum of replicas forever; otherwise raises QuorumError
+        after `wait` seconds."""
+        await self._select(wait)
+        if self._heal_enabled:
+            self._spawn(self._heal_loop())
+
+    async def _select(self, wait: float | None) -> None:
         deadline = None if wait is None else time.monotonic() + wait
         infos: dict[str, dict[str, Any]] = {}
         while True:
@@ -276,26 +350,30 @@ class Replicator:
             )
             await asyncio.sleep(0.5)
         top = max(info["generation"] for info in infos.values())
-        self.epoch = max(info["epoch"] for info in infos.values()) + 1
-        self.generation = top
-        current = []
+        self.epoch = max(self.epoch, max(info["epoch"] for info in infos.values()) + 1)
+        self.generation = max(self.generation, top)
+        current: list[Member] = []
         for m in self.members:
             info = infos.get(m.address)
             if info is None:
                 continue
             if info["generation"] < top:
-                self._set_err(m, f"stale: generation {info['generation']} < {top}")
-                continue
-            current.append(m)
-        opened = await asyncio.gather(
-            *(self._open(m) for m in current),
-            return_exceptions=True,
-        )
-        for m, r in zip(current, opened, strict=True):
-            if isinstance(r, BaseException):
-                self._set_err(m, f"open failed: {r}")
+                self._set_mode(m, Mode.ERR, f"stale: generation {info['generation']} < {top}")
             else:
-                m.mode, m.error = Mode.RW, None
+                current.append(m)
+        opened = await asyncio.gather(*(self._open(m) for m in current), return_exceptions=True)
+        for m, r in zip(current, opened, strict=True):
+            if r is not None:
+                self._set_mode(m, Mode.ERR, f"open failed: {r}")
+        current = [m for m, r in zip(current, opened, strict=True) if r is None]
+        marked = merge_ranges(
+            [tuple(r) for m in current for r in infos[m.address].get("dirty_regions", [])]
+        )
+        if len(current) > 1:
+            await self._resync(current, marked)
+        for m in current:
+            if m.client is not None:  # not failed during the resync
+                self._set_mode(m, Mode.RW)
         # Replicas not opened now miss every write from here on.
         await self._bump_generation()
         log.info(
@@ -307,6 +385,37 @@ class Replicator:
             self.replica_count,
             " (read-only)" if self.readonly else "",
         )
+
+    async def _resync(self, current: list[Member], ranges: list[tuple[int, int]]) -> None:
+        """After a crash, current replicas may differ where their write-intent logs say:
+        copy those regions from one of them to the others before serving any I/O."""
+        primary, others = current[0], current[1:]
+        total = sum(n for _, n in ranges)
+        t0 = time.monotonic()
+        if total:
+            log.info("resynchronising %d bytes of marked regions from %s", total, primary.address)
+
+        async def work(start: int, end: int) -> None:
+            assert primary.client is not None
+            for m in others:
+                if m.client is not None:
+                    await copy_chunk(primary.client, m.client, start, end, RateLimiter(0))
+
+        try:
+            assert primary.client is not None
+            for m in others:
+                if m.client is not None:
+                    await self._copy_attrs(primary.client, m.client)
+            await run_workers(chunks(ranges), work)
+        except BlockError as e:
+            # Whoever failed is not trustworthy here; the primary's copy stays authoritative.
+            for m in others:
+                self._set_mode(m, Mode.ERR, f"resync failed: {e}")
+            if primary.client is None:
+                raise
+        self.resynced_bytes += total
+        if total:
+            log.info("resync done in %.2fs", time.monotonic() - t0)
 
     async def _probe_all(self, infos: dict[str, dict[str, Any]]) -> None:
         """Connect to and INFO every replica not reached yet; adds to infos."""
@@ -332,23 +441,176 @@ class Replicator:
         except BaseException:
             client.close()
             raise
+        if m.client is not None:
+            m.client.close()
         m.client, m.generation = client, info["generation"]
+        if m.uuid is not None and info["uuid"] != m.uuid:
+            m.missed = None  # another replica at that address: nothing known about it
+        m.uuid = info["uuid"]
         return info
 
     async def _open(self, m: Member) -> None:
         assert m.client is not None
         await m.client.open(self.epoch)
 
-    def _set_err(self, m: Member, why: str) -> None:
-        m.mode, m.error = Mode.ERR, why
-        if m.client is not None:
-            m.client.close()
-            m.client = None
+    # --- healing ------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _heal_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(0.2)
+            try:
+                if not any(m.mode == Mode.RW for m in self.members):
+                    await self._select(wait=2.0)  # everyone went away: choose anew
+                    continue
+                now = time.monotonic()
+                for m in self.members:
+                    if m.mode == Mode.ERR and now >= m.next_try and not self._closing:
+                        await self._try_rejoin(m)
+            except QuorumError as e:
+                log.debug("healing: %s", e)
+            except Exception:
+                log.exception("healing pass failed")
+
+    async def _try_rejoin(self, m: Member) -> None:
+        try:
+            await self._rejoin(m)
+            m.backoff = BACKOFF_FIRST
+        except (BlockError, OSError) as e:
+            if m.client is not None and m.mode == Mode.ERR:
+                m.client.close()
+                m.client = None
+            m.error = f"rejoin failed: {e}"
+            m.backoff = min(m.backoff * 2, BACKOFF_MAX)
+            m.next_try = time.monotonic() + m.backoff
+
+    async def _rejoin(self, m: Member) -> None:
+        """Bring an ERR replica back as WO and start its rebuild."""
+        info = await self._probe(m)
+        incremental = (
+            m.missed is not None
+            and m.missed_since is not None
+            and info["generation"] == m.missed_since
+        )
+        await self._open(m)
+        ranges = (
+            merge_ranges(m.missed.ranges() + [tuple(r) for r in info.get("dirty_regions", [])])
+            if incremental and m.missed is not None
+            else [(0, self._size)]
+        )
+        kind = "incremental" if incremental else "full"
+        m.rebuild = Progress(kind, sum(n for _, n in ranges))
+        if m.missed is None:
+            m.missed_since = None  # stays unknown until a rebuild completes
+        self._set_mode(m, Mode.WO)
+        log.info("replica %s rejoins: %s rebuild of %d bytes", m.address, kind, m.rebuild.total)
+        self._spawn(self._rebuild(m, ranges))
+
+    async def _rebuild(self, m: Member, ranges: list[tuple[int, int]]) -> None:
+        progress = m.rebuild
+        assert progress is not None
+        crash_point("rebuild.after_wo")
+        half = progress.total // 2
+
+        async def work(start: int, end: int) -> None:
+            async with self._ranges.exclusive(start, end):
+                await self._copy_to(m, start, end, progress)
+            progress.done += end - start
+            if progress.done >= half > progress.done - (end - start):
+                crash_point("rebuild.mid_copy")
+
+        try:
+            await run_workers(chunks(ranges), work)
+            if m.mode != Mode.WO or m.client is None:
+                return
+            src = self._reader()
+            if src is None or src.client is None:
+                raise MediumError("no current replica to copy attributes from")
+            await self._copy_attrs(src.client, m.client)
+            await m.client.flush()
+            crash_point("rebuild.before_generation")
+            async with self._membership:
+                if m.mode != Mode.WO or m.client is None:
+                    return
+                await m.client.set_generation(self.generation)
+                crash_point("rebuild.after_generation")
+                m.generation = self.generation
+                m.missed = m.missed_since = None
+                m.rebuild = None
+                m.rebuilds += 1
+                m.last_rebuild = {
+                    "kind": progress.kind,
+                    "total_bytes": progress.total,
+                    "copied_bytes": progress.copied,
+                    "seconds": round(time.monotonic() - progress.started, 3),
+                }
+                self._set_mode(m, Mode.RW)
+            log.info(
+                "replica %s rebuilt (%s, %d bytes copied) and RW",
+                m.address,
+                progress.kind,
+                progress.copied,
+            )
+        except (BlockError, OSError) as e:
+            if m.mode != Mode.ERR:
+                await self._drop(m, f"rebuild failed: {e}")
+
+    async def _copy_to(self, m: Member, start: int, end: int, progress: Progress) -> None:
+        """Copy one chunk from a current replica to m; a failing source is dropped and
+        another tried, a failing destination fails the rebuild."""
+        while True:
+            src = self._reader()
+            if src is None or src.client is None:
+                raise MediumError("no current replica to rebuild from")
+            if m.client is None:
+                raise MediumError("rebuilding replica went away")
+            try:
+                progress.copied += await copy_chunk(src.client, m.client, start, end, self.limiter)
+                return
+            except ReplicaDown as e:
+                if m.client is None or not m.client.connected:
+                    raise
+                await self._drop(src, e)
+
+    # --- API ----------------------------------------------------------------------------
+
+    def find(self, address: str) -> Member | None:
+        return next((m for m in self.members if m.address == address), None)
+
+    async def add_replica(self, address: str) -> Member:
+        """Add a new replica (or retry an ERR one now); it is rebuilt, then turns RW."""
+        m = self.find(address)
+        if m is not None and m.mode != Mode.ERR:
+            raise ValueError(f"replica {address} is already {m.mode.value}")
+        if m is None:
+            if len(self.members) >= self.replica_count:
+                raise ValueError(
+                    f"volume already has {self.replica_count} replicas; remove one first"
+                )
+            m = Member(address)
+            self.members.append(m)
+            self._update_deadlines()
+        await self._rejoin(m)
+        return m
+
+    async def remove_replica(self, address: str) -> None:
+        m = self.find(address)
+        if m is None:
+            raise KeyError(address)
+        await self._drop(m, "removed by request")
+        self.members.remove(m)
 
     async def close(self) -> None:
         """Clean shutdown: replicas flush and record a clean close."""
+        self._closing = True
         for t in list(self._tasks):
             t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         live = [m for m in self.members if m.client and m.mode == Mode.RW]
         await asyncio.gather(
             *(m.client.close_session() for m in live if m.client), return_exceptions=True
@@ -365,70 +627,6 @@ class Replicator:
             "epoch": self.epoch,
             "generation": self.generation,
             "readonly": self.readonly,
+            "resynced_bytes": self.resynced_bytes,
             "replicas": [m.status() for m in self.members],
         }
-
-    # --- adding a replica back: rebuild -------------------------------------------------
-
-    def find(self, address: str) -> Member | None:
-        return next((m for m in self.members if m.address == address), None)
-
-    async def add_replica(self, address: str) -> Member:
-        """Add (or re-add) a replica; it is rebuilt in the background and then turns RW."""
-        m = self.find(address)
-        if m is not None and m.mode != Mode.ERR:
-            raise ValueError(f"replica {address} is already {m.mode.value}")
-        if m is None:
-            if len(self.members) >= self.replica_count:
-                raise ValueError(
-                    f"volume already has {self.replica_count} replicas; remove one first"
-                )
-            m = Member(address)
-            self.members.append(m)
-        await self._probe(m)
-        assert m.client is not None
-        await m.client.open(self.epoch)
-        m.mode, m.error, m.since = Mode.WO, None, time.time()
-        task = asyncio.create_task(self._rebuild(m))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return m
-
-    async def remove_replica(self, address: str) -> None:
-        m = self.find(address)
-        if m is None:
-            raise KeyError(address)
-        await self._drop(m, "removed by request")
-        self.members.remove(m)
-
-    async def _rebuild(self, m: Member) -> None:
-        total = self._size
-        m.rebuild = {"done": 0, "total": total, "started": time.time()}
-        try:
-            for start in range(0, total, REBUILD_CHUNK):
-                if m.mode != Mode.WO or m.client is None:
-                    return
-                end = min(start + REBUILD_CHUNK, total)
-                async with self._ranges.exclusive(start, end):
-                    await self._copy_chunk(m, start, end)
-                m.rebuild["done"] = end
-            assert m.client is not None
-            await m.client.flush()
-            async with self._membership:
-                await m.client.set_generation(self.generation)
-                m.generation = self.generation
-                m.mode, m.rebuild = Mode.RW, None
-            log.info("replica %s rebuilt and RW", m.address)
-        except (BlockError, OSError) as e:
-            if m.mode != Mode.ERR:
-                await self._drop(m, f"rebuild failed: {e}")
-
-    async def _copy_chunk(self, m: Member, start: int, end: int) -> None:
-        assert m.client is not None
-        extents = await self._read_any(lambda c: c.block_status(start, end - start))
-        for e in extents:
-            if e.flags & 1:  # hole on the source: make sure nothing stale remains
-                await m.client.unmap(e.offset, e.length)
-            else:
-                data = await self._read_any(lambda c, e=e: c.read(e.offset, e.length))
-                await m.client.write(e.offset, data)

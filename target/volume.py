@@ -22,10 +22,20 @@ class Volume:
         replicas: list[str],
         replica_count: int | None = None,
         replica_timeout: float = 5.0,
+        replica_timeout_last: float | None = None,
+        rebuild_rate: int = 0,
     ) -> None:
         self.name = name
         self.registry = CollectorRegistry()
-        self.replicator = Replicator(name, size, replicas, replica_count, replica_timeout)
+        self.replicator = Replicator(
+            name,
+            size,
+            replicas,
+            replica_count,
+            timeout=replica_timeout,
+            timeout_last=replica_timeout_last,
+            rebuild_rate=rebuild_rate,
+        )
         self.device = StatsDevice(self.replicator, name, self.registry)
         self.nbd: NbdServer | None = None
 

@@ -163,7 +163,7 @@ class Cluster:
         self.replicas[i].start()
         wait_port(self.replica_ports[i][0], self.replicas[i].proc)
 
-    def start_target(self, extra: list[str] | None = None) -> None:
+    def start_target(self, extra: list[str] | None = None, only: list[int] | None = None) -> None:
         args = [
             "target",
             "serve",
@@ -179,8 +179,9 @@ class Cluster:
             str(self.timeout),
             *(extra or []),
         ]
-        for a in self.replica_addresses:
-            args += ["--replica", a]
+        for i, a in enumerate(self.replica_addresses):
+            if only is None or i in only:
+                args += ["--replica", a]
         self.target = Proc("target", args, self.log_dir, self.env).start()
         wait_port(self.nbd_port, self.target.proc, timeout=30)
 
