@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from replica.sizes import format_size, parse_size
+from target.volume import default_iqn
 
 
 def default_data_dir() -> Path:
@@ -52,6 +53,7 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
 @click.option("--replicas", type=click.IntRange(1, 9), default=3, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--nbd-port", type=int, default=10809, show_default=True)
+@click.option("--iscsi-port", type=int, default=3260, show_default=True)
 @click.option("--api-port", type=int, default=9501, show_default=True)
 @click.option(
     "--replica-port",
@@ -67,6 +69,7 @@ def up(
     replicas: int,
     host: str,
     nbd_port: int,
+    iscsi_port: int,
     api_port: int,
     replica_port: int,
 ) -> None:
@@ -122,6 +125,8 @@ def up(
             str(nbytes),
             "--nbd",
             f"{host}:{nbd_port}",
+            "--iscsi",
+            f"{host}:{iscsi_port}",
             "--api",
             f"{host}:{api_port}",
         ]
@@ -129,12 +134,16 @@ def up(
             args += ["--replica", a]
         target = spawn(f"{volume}-target", *args)
         _wait_port(host, nbd_port, target, 60)
+        _wait_port(host, iscsi_port, target, 30)
         uri = f"nbd://{host}:{nbd_port}/{volume}"
+        iqn = default_iqn(volume)
+        iscsi_url = f"iscsi://{host}:{iscsi_port}/{iqn}/0"
         click.echo(
             f"""
 Tandem is up: volume {volume!r}, {format_size(nbytes)}, {replicas} replica(s), data in {data_dir}
 
   NBD URI   {uri}
+  iSCSI     portal {host}:{iscsi_port}  IQN {iqn}  LUN 0
   REST API  http://{host}:{api_port}/v1/volume   (metrics: /metrics)
 
 Try, from another shell:
@@ -144,6 +153,9 @@ Try, from another shell:
   qemu-img info {uri}
   qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
   mkdir -p mnt && nbdfuse mnt/disk.img {uri} &   # then mkfs.ext4 + mount -o loop
+  iscsi-ls -s iscsi://{host}:{iscsi_port}
+  qemu-img info {iscsi_url}
+  iscsiadm -m discovery -t st -p {host}:{iscsi_port} && iscsiadm -m node -T {iqn} --login
 
 Logs in {log_dir}. Ctrl-C stops everything; the data stays for the next start.
 """,

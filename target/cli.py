@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from replica.client import parse_address
 from replica.sizes import parse_size
 
 
@@ -38,7 +39,37 @@ def target() -> None:
     show_default=True,
     help="Per-request deadline in seconds; slower replicas are dropped.",
 )
+@click.option(
+    "--replica-timeout-last",
+    type=click.FloatRange(0.1, 3600),
+    default=None,
+    help="Deadline while the RW replicas are down to the bare quorum [default: 6x the above].",
+)
+@click.option(
+    "--rebuild-rate",
+    default="0",
+    show_default=True,
+    help="Rebuild bandwidth limit in bytes per second (e.g. 200M); 0 = unlimited.",
+)
 @click.option("--nbd", default="127.0.0.1:10809", show_default=True, help="NBD listen address.")
+@click.option("--no-nbd", is_flag=True, help="Do not serve NBD.")
+@click.option("--iscsi", default=None, help="iSCSI portal to listen on, e.g. 127.0.0.1:3260.")
+@click.option("--iqn", default=None, help="Target IQN [default: iqn.2026-11.io.tandem:VOLUME].")
+@click.option("--chap-user", default=None, help="CHAP user initiators must log in with.")
+@click.option("--chap-secret", default=None, envvar="TANDEM_CHAP_SECRET", help="CHAP secret.")
+@click.option("--mutual-chap-user", default=None, help="User the target proves (mutual CHAP).")
+@click.option(
+    "--mutual-chap-secret", default=None, envvar="TANDEM_MUTUAL_CHAP_SECRET", help="Its secret."
+)
+@click.option(
+    "--allow-initiator",
+    "allowed",
+    multiple=True,
+    help="Initiator IQN allowed to log in; repeat. Default: any.",
+)
+@click.option(
+    "--public-portal", default=None, help="HOST:PORT that SendTargets advertises instead."
+)
 @click.option("--api", default="127.0.0.1:9501", show_default=True, help="REST API address.")
 def serve(
     name: str,
@@ -46,19 +77,58 @@ def serve(
     replicas: tuple[str, ...],
     replica_count: int | None,
     replica_timeout: float,
+    replica_timeout_last: float | None,
+    rebuild_rate: str,
     nbd: str,
+    no_nbd: bool,
+    iscsi: str | None,
+    iqn: str | None,
+    chap_user: str | None,
+    chap_secret: str | None,
+    mutual_chap_user: str | None,
+    mutual_chap_secret: str | None,
+    allowed: tuple[str, ...],
+    public_portal: str | None,
     api: str,
 ) -> None:
-    """Serve a replicated volume over NBD."""
+    """Serve a replicated volume over NBD and/or iSCSI."""
     from target.daemon import serve_target
+    from target.volume import IscsiOptions, VolumeOptions, default_iqn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        nbytes = parse_size(size)
         if replica_count is not None and replica_count < len(replicas):
             raise ValueError("--replica-count is smaller than the number of --replica")
-        asyncio.run(
-            serve_target(name, nbytes, list(replicas), nbd, api, replica_count, replica_timeout)
+        if no_nbd and iscsi is None:
+            raise ValueError("no frontend: give --iscsi or drop --no-nbd")
+        if (chap_user is None) != (chap_secret is None):
+            raise ValueError("--chap-user and --chap-secret go together")
+        if (mutual_chap_user is None) != (mutual_chap_secret is None):
+            raise ValueError("--mutual-chap-user and --mutual-chap-secret go together")
+        portal = None
+        if public_portal:
+            phost, pport = parse_address(public_portal)
+            portal = (phost, pport)
+        opts = VolumeOptions(
+            name=name,
+            size=parse_size(size),
+            replicas=list(replicas),
+            replica_count=replica_count,
+            replica_timeout=replica_timeout,
+            replica_timeout_last=replica_timeout_last,
+            rebuild_rate=parse_size(rebuild_rate),
+            iscsi=IscsiOptions(
+                iqn=iqn or default_iqn(name),
+                chap=(chap_user, chap_secret) if chap_user and chap_secret else None,
+                mutual_chap=(mutual_chap_user, mutual_chap_secret)
+                if mutual_chap_user and mutual_chap_secret
+                else None,
+                allowed_initiators=list(allowed) or None,
+                public_portal=portal,
+            ),
         )
+        for address in (*replicas, *([] if no_nbd else [nbd]), *([iscsi] if iscsi else []), api):
+            parse_address(address)
+        asyncio.run(serve_target(opts, None if no_nbd else nbd, iscsi, api))
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

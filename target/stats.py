@@ -16,31 +16,42 @@ from target.blockdev import BlockDevice, BlockError, Extent
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
 
 
-class StatsDevice:
-    def __init__(self, inner: BlockDevice, volume: str, registry: CollectorRegistry) -> None:
-        self.inner = inner
-        labels = ["volume", "op"]
-        self._ops = Counter("tandem_volume_ops", "I/O requests", labels, registry=registry)
-        self._bytes = Counter("tandem_volume_bytes", "Bytes transferred", labels, registry=registry)
-        self._errors = Counter("tandem_volume_errors", "Failed requests", labels, registry=registry)
-        self._latency = Histogram(
+OPS = ("read", "write", "flush", "unmap", "write_zeroes", "block_status")
+
+
+class VolumeMetrics:
+    """The volume's I/O metric families, labelled by frontend (nbd, iscsi) and op."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["volume", "frontend", "op"]
+        self.ops = Counter("tandem_volume_ops", "I/O requests", labels, registry=registry)
+        self.bytes = Counter("tandem_volume_bytes", "Bytes transferred", labels, registry=registry)
+        self.errors = Counter("tandem_volume_errors", "Failed requests", labels, registry=registry)
+        self.latency = Histogram(
             "tandem_volume_latency_seconds",
             "Request latency",
             labels,
             buckets=_BUCKETS,
             registry=registry,
         )
+
+
+class StatsDevice:
+    """Counts one frontend's I/O on the way to the device below."""
+
+    def __init__(self, inner: BlockDevice, metrics: VolumeMetrics, volume: str, frontend: str):
+        self.inner = inner
         self._m = {
             op: (
-                self._ops.labels(volume, op),
-                self._bytes.labels(volume, op),
-                self._errors.labels(volume, op),
-                self._latency.labels(volume, op),
+                metrics.ops.labels(volume, frontend, op),
+                metrics.bytes.labels(volume, frontend, op),
+                metrics.errors.labels(volume, frontend, op),
+                metrics.latency.labels(volume, frontend, op),
             )
-            for op in ("read", "write", "flush", "unmap", "write_zeroes", "block_status")
+            for op in OPS
         }
         # Plain totals for the REST API (cheaper to read than the registry).
-        self.totals: dict[str, list[int]] = {op: [0, 0, 0] for op in self._m}
+        self.totals: dict[str, list[int]] = {op: [0, 0, 0] for op in OPS}
 
     @property
     def size(self) -> int:

@@ -121,7 +121,7 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.replica_ports = [(free_port(), free_port()) for _ in range(replicas)]
         self.replicas: list[Proc] = [self._replica(i) for i in range(replicas)]
-        self.nbd_port, self.api_port = free_port(), free_port()
+        self.nbd_port, self.api_port, self.iscsi_port = free_port(), free_port(), free_port()
         self.target: Proc | None = None
 
     def _replica(self, i: int) -> Proc:
@@ -155,6 +155,14 @@ class Cluster:
         return f"nbd://{HOST}:{self.nbd_port}/{self.volume}"
 
     @property
+    def iqn(self) -> str:
+        return f"iqn.2026-11.io.tandem:{self.volume}"
+
+    @property
+    def iscsi_url(self) -> str:
+        return f"iscsi://{HOST}:{self.iscsi_port}/{self.iqn}/0"
+
+    @property
     def api(self) -> str:
         return f"http://{HOST}:{self.api_port}"
 
@@ -175,6 +183,8 @@ class Cluster:
             f"{HOST}:{self.nbd_port}",
             "--api",
             f"{HOST}:{self.api_port}",
+            "--iscsi",
+            f"{HOST}:{self.iscsi_port}",
             "--replica-timeout",
             str(self.timeout),
             *(extra or []),
@@ -184,6 +194,7 @@ class Cluster:
                 args += ["--replica", a]
         self.target = Proc("target", args, self.log_dir, self.env).start()
         wait_port(self.nbd_port, self.target.proc, timeout=30)
+        wait_port(self.iscsi_port, self.target.proc, timeout=30)
 
     def start(self) -> Cluster:
         for i in range(len(self.replicas)):

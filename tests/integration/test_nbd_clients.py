@@ -108,7 +108,7 @@ def test_replica_and_target_apis(cluster: Cluster) -> None:
 
     metrics = urllib.request.urlopen(f"{cluster.api}/metrics").read().decode()
     assert 'tandem_volume_replicas{mode="RW",volume="vol"} 3.0' in metrics
-    assert 'tandem_volume_ops_total{op="write",volume="vol"}' in metrics
+    assert 'tandem_volume_ops_total{frontend="nbd",op="write",volume="vol"}' in metrics
     assert "tandem_volume_latency_seconds_bucket" in metrics
     rmetrics = (
         urllib.request.urlopen(f"http://127.0.0.1:{cluster.replica_ports[0][1]}/metrics")
