@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 # Debian packages the product and its tests need (third-party clients for the interop tests).
 APT_PACKAGES := gcc make pkg-config python3-dev python3-venv libffi-dev liburing-dev \
 	libnbd-bin python3-libnbd qemu-utils qemu-block-extra fuse3 e2fsprogs \
-	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps
+	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps coreutils \
+	qemu-system-x86 open-iscsi linux-image-amd64 busybox-static cpio kmod xz-utils binutils
 STAMP := $(VENV)/.installed
 
 .PHONY: setup apt run test lint fmt clean perf
