@@ -9,6 +9,8 @@ APT_PACKAGES := gcc make pkg-config python3-dev python3-venv libffi-dev liburing
 	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps coreutils \
 	qemu-system-x86 open-iscsi linux-image-amd64 busybox-static cpio kmod xz-utils binutils
 STAMP := $(VENV)/.installed
+# fio rebuilt with the libiscsi engine (Debian's has only nbd); tests and perf use it.
+FIO_ISCSI := /opt/fio-libiscsi/bin/fio
 
 .PHONY: setup apt run test lint fmt clean perf
 
@@ -32,7 +34,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/build.
 run: setup
 	$(BIN)/tandem up
 
-test: setup
+$(FIO_ISCSI): perf/build-fio-libiscsi.sh
+	bash perf/build-fio-libiscsi.sh
+
+test: setup $(FIO_ISCSI)
 	$(BIN)/pytest -q
 
 lint: setup
