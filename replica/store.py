@@ -739,7 +739,9 @@ class ReplicaStore:
             raise ValueError(
                 f"generation {generation} is lower than the replica's {self.meta.generation}"
             )
+        crash_point("generation.before_persist")
         self._persist(generation=generation)
+        crash_point("generation.after_persist")
 
     def end_session(self) -> None:
         """The target is done writing: sync all data, then record the replica as clean."""

@@ -51,6 +51,19 @@ def target() -> None:
     show_default=True,
     help="Rebuild bandwidth limit in bytes per second (e.g. 200M); 0 = unlimited.",
 )
+@click.option("--iops-limit", type=click.IntRange(0), default=0, help="QoS: total IOPS; 0 = none.")
+@click.option("--read-iops-limit", type=click.IntRange(0), default=0, help="QoS: read IOPS.")
+@click.option("--write-iops-limit", type=click.IntRange(0), default=0, help="QoS: write IOPS.")
+@click.option("--bps-limit", default="0", help="QoS: total bytes per second, e.g. 100M.")
+@click.option("--read-bps-limit", default="0", help="QoS: read bytes per second.")
+@click.option("--write-bps-limit", default="0", help="QoS: write bytes per second.")
+@click.option(
+    "--qos-burst",
+    type=click.FloatRange(0, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds of QoS rate an idle volume may bank for a burst.",
+)
 @click.option("--nbd", default="127.0.0.1:10809", show_default=True, help="NBD listen address.")
 @click.option("--no-nbd", is_flag=True, help="Do not serve NBD.")
 @click.option("--iscsi", default=None, help="iSCSI portal to listen on, e.g. 127.0.0.1:3260.")
@@ -79,6 +92,13 @@ def serve(
     replica_timeout: float,
     replica_timeout_last: float | None,
     rebuild_rate: str,
+    iops_limit: int,
+    read_iops_limit: int,
+    write_iops_limit: int,
+    bps_limit: str,
+    read_bps_limit: str,
+    write_bps_limit: str,
+    qos_burst: float,
     nbd: str,
     no_nbd: bool,
     iscsi: str | None,
@@ -93,6 +113,7 @@ def serve(
 ) -> None:
     """Serve a replicated volume over NBD and/or iSCSI."""
     from target.daemon import serve_target
+    from target.qos import QosLimits
     from target.volume import IscsiOptions, VolumeOptions, default_iqn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -117,6 +138,15 @@ def serve(
             replica_timeout=replica_timeout,
             replica_timeout_last=replica_timeout_last,
             rebuild_rate=parse_size(rebuild_rate),
+            qos=QosLimits(
+                read_iops=read_iops_limit,
+                write_iops=write_iops_limit,
+                total_iops=iops_limit,
+                read_bps=parse_size(read_bps_limit),
+                write_bps=parse_size(write_bps_limit),
+                total_bps=parse_size(bps_limit),
+                burst_seconds=qos_burst,
+            ),
             iscsi=IscsiOptions(
                 iqn=iqn or default_iqn(name),
                 chap=(chap_user, chap_secret) if chap_user and chap_secret else None,
@@ -132,3 +162,44 @@ def serve(
         asyncio.run(serve_target(opts, None if no_nbd else nbd, iscsi, api))
     except (ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e
+
+
+@target.command()
+@click.option("--api", default="127.0.0.1:9501", show_default=True, help="Target REST API.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(api: str, as_json: bool) -> None:
+    """Show a running target's volume: quorum, replicas and their modes, rebuild progress."""
+    import json
+
+    import httpx
+    from rich.console import Console
+    from rich.table import Table
+
+    url = api if api.startswith("http") else f"http://{api}"
+    try:
+        vol = httpx.get(f"{url}/v1/volume", timeout=10).raise_for_status().json()
+    except httpx.HTTPError as e:
+        raise click.ClickException(f"cannot reach the target at {url}: {e}") from e
+    if as_json:
+        click.echo(json.dumps(vol, indent=2))
+        return
+    state = "read-only (below quorum)" if vol["readonly"] else "read-write"
+    console = Console()
+    console.print(
+        f"volume [bold]{vol['name']}[/] {vol['size']} bytes, {state}; "
+        f"epoch {vol['epoch']} generation {vol['generation']}, "
+        f"quorum {vol['quorum']} of {vol['replica_count']}"
+    )
+    table = Table("replica", "mode", "generation", "rebuild", "error")
+    for r in vol["replicas"]:
+        rb = r.get("rebuild")
+        progress = f"{rb['kind']} {rb['percent']}% ETA {rb['eta_seconds']}s" if rb else ""
+        color = {"RW": "green", "WO": "yellow", "ERR": "red"}.get(r["mode"], "")
+        table.add_row(
+            r["address"],
+            f"[{color}]{r['mode']}[/]",
+            str(r.get("generation")),
+            progress,
+            r.get("error") or "",
+        )
+    console.print(table)

@@ -123,6 +123,8 @@ class Cluster:
         self.replicas: list[Proc] = [self._replica(i) for i in range(replicas)]
         self.nbd_port, self.api_port, self.iscsi_port = free_port(), free_port(), free_port()
         self.target: Proc | None = None
+        self.proxies: dict[int, Any] = {}
+        self.mounts: list[Path] = []
 
     def _replica(self, i: int) -> Proc:
         data, api = self.replica_ports[i]
@@ -148,7 +150,26 @@ class Cluster:
 
     @property
     def replica_addresses(self) -> list[str]:
-        return [f"{HOST}:{d}" for d, _ in self.replica_ports]
+        """What the target is told: a fault proxy's address where one sits in between."""
+        return [
+            self.proxies[i].address if i in self.proxies else f"{HOST}:{d}"
+            for i, (d, _) in enumerate(self.replica_ports)
+        ]
+
+    def add_proxy(self, i: int) -> Any:
+        """Put a fault proxy between the target and replica i (before start_target)."""
+        from tests.faultproxy import FaultProxy
+
+        self.proxies[i] = FaultProxy(self.replica_ports[i][0]).start()
+        return self.proxies[i]
+
+    def mount_tmpfs(self, i: int, size: int) -> Path:
+        """Replica i's directory on a small tmpfs of its own (to fill its disk)."""
+        d = self.base / f"r{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+        self.mounts.append(d)
+        return d
 
     @property
     def uri(self) -> str:
@@ -222,6 +243,11 @@ class Cluster:
             self.target.stop()
         for r in self.replicas:
             r.stop()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        for d in self.mounts:
+            subprocess.run(["umount", "-l", str(d)], check=False)
+        self.mounts.clear()
 
     def logs(self) -> str:
         procs = [*self.replicas, *([self.target] if self.target else [])]

@@ -217,3 +217,21 @@ def test_hung_replica_is_dropped_after_its_deadline(cluster: Cluster) -> None:
     finally:
         cluster.replicas[0].signal(signal.SIGCONT)
     w.verify(h)
+
+
+def test_cli_status_shows_modes(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    cluster.replicas[1].kill9()
+    connect(cluster.uri).pwrite(b"x" * BLOCK, 0)  # the write notices the loss
+    out = subprocess.run(
+        [sys.executable, "-m", "maya", "target", "status", "--api", cluster.api],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    lines = {a: ln for ln in out.splitlines() for a in cluster.replica_addresses if a in ln}
+    assert "ERR" in lines[cluster.replica_addresses[1]]
+    assert "RW" in lines[cluster.replica_addresses[0]]
