@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from replica import protocol as p
@@ -53,6 +54,10 @@ class ReplicaClient(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._closed_reason: str | None = "not connected"
+        self._closing = False
+        # Called once when a live connection breaks by itself (not on close()).
+        self.on_lost: Callable[[str], None] | None = None
+        self.last_reply = time.monotonic()
 
     # --- connection -------------------------------------------------------------------
 
@@ -84,6 +89,7 @@ class ReplicaClient(asyncio.Protocol):
         self._decoder.feed(data)
         try:
             while (resp := self._decoder.next()) is not None:
+                self.last_reply = time.monotonic()
                 entry = self._pending.pop(resp.tag, None)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result(resp)
@@ -91,11 +97,14 @@ class ReplicaClient(asyncio.Protocol):
             self._fail_all(f"protocol error: {e}")
 
     def close(self) -> None:
+        self._closing = True
         self._fail_all("closed")
 
     def _fail_all(self, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
+            if self.on_lost is not None and not self._closing:
+                self.on_lost(reason)
         if self._transport is not None:
             self._transport.abort()
             self._transport = None

@@ -118,6 +118,10 @@ class ReplicaMeta:
     generation: int = 0
     epoch: int = 0
     dirty: bool = False
+    # The kernel boot during which the replica was last opened for writing: a dirty replica
+    # opened under another boot may have lost page-cache data (power loss, kernel crash),
+    # not just its process.
+    boot_id: str = ""
 
     @property
     def head(self) -> Layer:
@@ -168,6 +172,7 @@ class ReplicaMeta:
             "generation": self.generation,
             "epoch": self.epoch,
             "dirty": self.dirty,
+            "boot_id": self.boot_id,
         }
 
     @classmethod
@@ -187,6 +192,7 @@ class ReplicaMeta:
             generation=_field(d, "generation", (int,), where),
             epoch=_field(d, "epoch", (int,), where),
             dirty=_field(d, "dirty", (bool,), where),
+            boot_id=str(d.get("boot_id", "")),  # absent in replicas made before it existed
         )
         try:
             meta.validate()

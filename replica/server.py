@@ -75,6 +75,7 @@ class ReplicaServer:
             "epoch": m.epoch,
             "dirty": m.dirty,
             "was_dirty": self.store.was_dirty,
+            "lost_cache": self.store.lost_cache,
             "chain": [layer.file for layer in m.chain],
             "snapshots": self.store.snapshots(),
             "dirty_regions": self.store.dirty_regions(),

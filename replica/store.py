@@ -232,6 +232,13 @@ def _create_layer(directory: Path, dirfd: int, name: str, size: int) -> int:
     return fd
 
 
+def current_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _remove_orphans(directory: Path, keep: set[str]) -> None:
     for entry in os.listdir(directory):
         if _LAYER_RE.fullmatch(entry) and entry not in keep:
@@ -266,6 +273,8 @@ class ReplicaStore:
         except MetaError as e:
             raise StoreError(f"corrupt replica metadata in {self._meta_path}: {e}") from None
         self.was_dirty = self.meta.dirty
+        # Dirty and opened under another kernel boot: unflushed writes may be gone.
+        self.lost_cache = self.meta.dirty and self.meta.boot_id != current_boot_id()
         if self.meta.block_size != BLOCK:
             raise StoreError(f"{self._meta_path}: block_size {self.meta.block_size} != {BLOCK}")
         if len(self.meta.chain) > MAX_LAYERS:
@@ -709,6 +718,12 @@ class ReplicaStore:
         self._head = bytearray(len(self._head))
         self.meta = meta
 
+    def engine_view(self) -> tuple[list[int], bytearray, bytearray]:
+        """The layer fds (bottom..head) and block maps (head, base) that the native engine
+        (native/replica_server.c) reads and updates in place. Valid until the next snapshot(),
+        which replaces them (the engine is paused around it)."""
+        return self._fds, self._head, self._base
+
     # --- sessions: epoch, generation, dirty (see the module docstring) -----------------------
 
     def _persist(self, **changes: object) -> None:
@@ -725,7 +740,7 @@ class ReplicaStore:
             raise ValueError(f"epoch must be a non-negative integer, not {epoch!r}")
         if epoch < self.meta.epoch:
             raise Fenced(f"epoch {epoch} is older than the replica's epoch {self.meta.epoch}")
-        self._persist(epoch=epoch, dirty=True)
+        self._persist(epoch=epoch, dirty=True, boot_id=current_boot_id())
 
     def check_epoch(self, epoch: int) -> None:
         if epoch != self.meta.epoch:

@@ -1,10 +1,11 @@
 """Copying data between replicas: rebuild of a returning or new replica, resync after a crash.
 
-A copy works chunk by chunk. Per chunk the source's block status decides what moves: holes
-become an UNMAP on the destination (so nothing stale survives there), data is read and
-written; only allocated extents cross the network. The chunk is then verified: both
-replicas compute the CRC32C of the chunk locally and the checksums must match. The caller
-holds the chunk's range exclusively for all of it, so no write races the copy.
+A copy works window by window (1 MiB, aligned), each holding the pieces to copy. Per window
+the source's block status decides what moves: holes become an UNMAP on the destination (so
+nothing stale survives there), data is read and written; only allocated extents cross the
+network. The window is then verified: both replicas compute the CRC32C of the whole window
+locally and the checksums must match. The caller holds the window's range exclusively for
+all of it, so no write races the copy.
 """
 
 from __future__ import annotations
@@ -82,47 +83,97 @@ class RateLimiter:
             await asyncio.sleep((min(n, self.rate) - self._tokens) / self.rate)
 
 
-def chunks(ranges: list[tuple[int, int]], chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
-    """Cut (offset, length) ranges into chunk-aligned (start, end) pieces."""
-    for off, n in ranges:
-        pos, end = off, off + n
-        while pos < end:
-            stop = min(end, (pos // chunk + 1) * chunk)
-            yield pos, stop
-            pos = stop
+def windows(
+    ranges: list[tuple[int, int]], window: int = CHUNK
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """Group (offset, length) ranges by aligned window: (start, end, pieces) per window
+    touched, pieces being the (start, end) parts of the ranges inside it."""
+    current: tuple[int, int, list[tuple[int, int]]] | None = None
+    for off, n in sorted(ranges):
+        pos, stop = off, off + n
+        while pos < stop:
+            w0 = pos // window * window
+            piece_end = min(stop, w0 + window)
+            if current is not None and current[0] == w0:
+                current[2].append((pos, piece_end))
+            else:
+                if current is not None:
+                    yield current
+                current = (w0, w0 + window, [(pos, piece_end)])
+            pos = piece_end
+    if current is not None:
+        yield current
 
 
-async def copy_chunk(
-    src: CopySource, dst: CopyTarget, start: int, end: int, limiter: RateLimiter
+async def _copy_pieces(
+    src: CopySource,
+    dst: CopyTarget,
+    start: int,
+    end: int,
+    pieces: list[tuple[int, int]],
+    limiter: RateLimiter,
 ) -> int:
-    """Make dst's [start, end) equal to src's and verify it; returns bytes of data moved."""
+    """Make dst equal src on the pieces of window [start, end): holes on the source become
+    UNMAPs, data is read and written; the pieces move concurrently."""
+    extents = await src.block_status(start, end - start)
+    jobs = []
     moved = 0
-    for e in await src.block_status(start, end - start):
-        lo, hi = max(e.offset, start), min(e.offset + e.length, end)
-        if hi <= lo:
-            continue
-        if e.flags & STATE_HOLE:
-            await dst.unmap(lo, hi - lo)
-        else:
-            await limiter.take(hi - lo)
-            await dst.write(lo, await src.read(lo, hi - lo))
-            moved += hi - lo
-    a, b = await asyncio.gather(src.checksum(start, end - start), dst.checksum(start, end - start))
-    if a != b:
-        raise VerifyError(f"chunk {start}+{end - start}: checksum {b:#x} differs from {a:#x}")
+    for p0, p1 in pieces:
+        for e in extents:
+            lo, hi = max(e.offset, p0), min(e.offset + e.length, p1)
+            if hi <= lo:
+                continue
+            if e.flags & STATE_HOLE:
+                jobs.append(dst.unmap(lo, hi - lo))
+            else:
+                await limiter.take(hi - lo)
+                jobs.append(_move(src, dst, lo, hi - lo))
+                moved += hi - lo
+    await asyncio.gather(*jobs)
     return moved
 
 
+async def _move(src: CopySource, dst: CopyTarget, offset: int, length: int) -> None:
+    await dst.write(offset, await src.read(offset, length))
+
+
+async def _same(src: CopySource, dst: CopyTarget, start: int, end: int) -> bool:
+    a, b = await asyncio.gather(src.checksum(start, end - start), dst.checksum(start, end - start))
+    return a == b
+
+
+async def copy_window(
+    src: CopySource,
+    dst: CopyTarget,
+    start: int,
+    end: int,
+    pieces: list[tuple[int, int]],
+    limiter: RateLimiter,
+) -> int:
+    """Copy the pieces of a window, then verify the whole window by checksum. If the rest of
+    the window turns out to differ too (the premise of an incremental copy broken), copy the
+    whole window and verify again. Returns the bytes of data moved."""
+    moved = await _copy_pieces(src, dst, start, end, pieces, limiter)
+    if await _same(src, dst, start, end):
+        return moved
+    if pieces != [(start, end)]:
+        moved += await _copy_pieces(src, dst, start, end, [(start, end)], limiter)
+        if await _same(src, dst, start, end):
+            return moved
+    raise VerifyError(f"window {start}+{end - start}: checksums differ after the copy")
+
+
 async def run_workers(
-    pieces: Iterator[tuple[int, int]],
-    work: Callable[[int, int], Awaitable[None]],
+    items: Iterator[tuple[int, int, list[tuple[int, int]]]],
+    work: Callable[[int, int, list[tuple[int, int]]], Awaitable[None]],
     workers: int = WORKERS,
 ) -> None:
-    """Run work(start, end) for every piece, `workers` at a time; the first error cancels all."""
+    """Run work(start, end, pieces) for every window, `workers` at a time; the first error
+    cancels all."""
 
     async def worker() -> None:
-        for start, end in pieces:  # a shared iterator: each piece is taken once
-            await work(start, end)
+        for start, end, pieces in items:  # a shared iterator: each window is taken once
+            await work(start, end, pieces)
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:

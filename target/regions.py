@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-MIN_REGION = 64 * 1024
-MAX_REGIONS = 1 << 20
+MIN_REGION = 4096  # a block: a returning replica copies exactly what it missed
+MAX_REGIONS = 1 << 22  # 4 MiB of map per tracked replica; coarser above 16 GiB
 
 
 class RegionMap:

@@ -48,13 +48,14 @@ from target.blockdev import (
     check_range,
 )
 from target.rangelock import RangeLock
-from target.rebuild import Progress, RateLimiter, chunks, copy_chunk, run_workers
+from target.rebuild import Progress, RateLimiter, copy_window, run_workers, windows
 from target.regions import RegionMap, merge_ranges
 
 log = logging.getLogger("tandem.replicator")
 
 BLOCK = 4096
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 10.0
+SESSION_BITS = 32  # a replica's stored epoch = target epoch << 32 | session
 
 
 class Mode(StrEnum):
@@ -120,6 +121,7 @@ class Replicator:
         self.replica_count = replica_count or len(addresses)
         self.quorum = self.replica_count // 2 + 1
         self.epoch = 0
+        self._session = 0
         self.generation = 0
         self.limiter = RateLimiter(rebuild_rate)
         self.resynced_bytes = 0
@@ -350,7 +352,10 @@ class Replicator:
             )
             await asyncio.sleep(0.5)
         top = max(info["generation"] for info in infos.values())
-        self.epoch = max(self.epoch, max(info["epoch"] for info in infos.values()) + 1)
+        # A new target outranks every older one: its epoch is above all the replicas hold.
+        self.epoch = max(
+            self.epoch, max(info["epoch"] >> SESSION_BITS for info in infos.values()) + 1
+        )
         self.generation = max(self.generation, top)
         current: list[Member] = []
         for m in self.members:
@@ -395,18 +400,18 @@ class Replicator:
         if total:
             log.info("resynchronising %d bytes of marked regions from %s", total, primary.address)
 
-        async def work(start: int, end: int) -> None:
+        async def work(start: int, end: int, pieces: list[tuple[int, int]]) -> None:
             assert primary.client is not None
-            for m in others:
+            for m in others:  # mostly identical already: compare first, copy what differs
                 if m.client is not None:
-                    await copy_chunk(primary.client, m.client, start, end, RateLimiter(0))
+                    await copy_window(primary.client, m.client, start, end, [], RateLimiter(0))
 
         try:
             assert primary.client is not None
             for m in others:
                 if m.client is not None:
                     await self._copy_attrs(primary.client, m.client)
-            await run_workers(chunks(ranges), work)
+            await run_workers(windows(ranges), work)
         except BlockError as e:
             # Whoever failed is not trustworthy here; the primary's copy stays authoritative.
             for m in others:
@@ -444,16 +449,45 @@ class Replicator:
         if m.client is not None:
             m.client.close()
         m.client, m.generation = client, info["generation"]
+        client.on_lost = lambda why: self._lost(m, client, why)
         if m.uuid is not None and info["uuid"] != m.uuid:
             m.missed = None  # another replica at that address: nothing known about it
         m.uuid = info["uuid"]
         return info
 
     async def _open(self, m: Member) -> None:
+        """OPEN with a fencing key never used before: the target's epoch in the high bits (an
+        older target can never outbid a newer one) and a session number in the low bits, so
+        that reopening a replica fences this target's own earlier connections to it: a
+        write stuck in a frozen replica's socket buffer or on a cut link cannot land after
+        the replica rejoined."""
         assert m.client is not None
-        await m.client.open(self.epoch)
+        self._session += 1
+        await m.client.open((self.epoch << SESSION_BITS) | self._session)
 
     # --- healing ------------------------------------------------------------------------
+
+    def _lost(self, m: Member, client: ReplicaClient, why: str) -> None:
+        """A member's connection broke by itself: drop it now, not at the next I/O."""
+        if m.client is client and m.mode != Mode.ERR and not self._closing:
+            self._spawn(self._drop(m, f"replica {m.address}: {why}"))
+
+    def _keepalive(self) -> None:
+        """Ping members idle for a second: a hung replica then misses its deadline even
+        when the volume is idle, and is dropped before the next write has to wait for it."""
+        now = time.monotonic()
+        for m in self.members:
+            c = m.client
+            if m.mode != Mode.ERR and c is not None and c.connected and now - c.last_reply > 1:
+                c.last_reply = now  # one ping in flight at a time
+                self._spawn(self._ping(m, c))
+
+    async def _ping(self, m: Member, client: ReplicaClient) -> None:
+        try:
+            await client.ping()
+        except BlockError as e:
+            if m.client is client:
+                await self._drop(m, e)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -465,6 +499,7 @@ class Replicator:
         while not self._closing:
             await asyncio.sleep(0.2)
             try:
+                self._keepalive()
                 if not any(m.mode == Mode.RW for m in self.members):
                     await self._select(wait=2.0)  # everyone went away: choose anew
                     continue
@@ -498,8 +533,11 @@ class Replicator:
             and info["generation"] == m.missed_since
         )
         await self._open(m)
+        # What it may lack: the writes it missed (tracked), and if its kernel lost its page
+        # cache too, what it had not flushed (its write-intent regions).
+        own = [tuple(r) for r in info.get("dirty_regions", [])] if info.get("lost_cache") else []
         ranges = (
-            merge_ranges(m.missed.ranges() + [tuple(r) for r in info.get("dirty_regions", [])])
+            merge_ranges(m.missed.ranges() + own)
             if incremental and m.missed is not None
             else [(0, self._size)]
         )
@@ -517,15 +555,16 @@ class Replicator:
         crash_point("rebuild.after_wo")
         half = progress.total // 2
 
-        async def work(start: int, end: int) -> None:
+        async def work(start: int, end: int, pieces: list[tuple[int, int]]) -> None:
             async with self._ranges.exclusive(start, end):
-                await self._copy_to(m, start, end, progress)
-            progress.done += end - start
-            if progress.done >= half > progress.done - (end - start):
+                await self._copy_to(m, start, end, pieces, progress)
+            step = sum(b - a for a, b in pieces)
+            progress.done += step
+            if progress.done >= half > progress.done - step:
                 crash_point("rebuild.mid_copy")
 
         try:
-            await run_workers(chunks(ranges), work)
+            await run_workers(windows(ranges), work)
             if m.mode != Mode.WO or m.client is None:
                 return
             src = self._reader()
@@ -560,8 +599,10 @@ class Replicator:
             if m.mode != Mode.ERR:
                 await self._drop(m, f"rebuild failed: {e}")
 
-    async def _copy_to(self, m: Member, start: int, end: int, progress: Progress) -> None:
-        """Copy one chunk from a current replica to m; a failing source is dropped and
+    async def _copy_to(
+        self, m: Member, start: int, end: int, pieces: list[tuple[int, int]], progress: Progress
+    ) -> None:
+        """Copy one window from a current replica to m; a failing source is dropped and
         another tried, a failing destination fails the rebuild."""
         while True:
             src = self._reader()
@@ -570,7 +611,9 @@ class Replicator:
             if m.client is None:
                 raise MediumError("rebuilding replica went away")
             try:
-                progress.copied += await copy_chunk(src.client, m.client, start, end, self.limiter)
+                progress.copied += await copy_window(
+                    src.client, m.client, start, end, pieces, self.limiter
+                )
                 return
             except ReplicaDown as e:
                 if m.client is None or not m.client.connected:
