@@ -175,6 +175,9 @@ class ReplicaClient(asyncio.Protocol):
         resp = await self.request(Op.CHECKSUM, offset, length)
         return int.from_bytes(resp.payload, "little")
 
+    async def resize(self, size: int) -> None:
+        await self._json(Op.RESIZE, {"size": size})
+
     async def attrs(self) -> dict[str, Any]:
         return await self._json(Op.ATTRS)
 

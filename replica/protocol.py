@@ -33,7 +33,8 @@ and fences out older epochs), SET_GENERATION (JSON {"generation": N}), CLOSE (cl
 BLOCK_STATUS (JSON list of [offset, length, flags]), SNAPSHOT (JSON {"name": ...}),
 CHECKSUM (the CRC32C of the range's data as 4 little-endian bytes; rebuild verification),
 ATTRS (all volume attributes as a JSON object) and SET_ATTRS (JSON object of keys to set;
-null deletes): small durable state kept with the data, e.g. SCSI persistent reservations.
+null deletes): small durable state kept with the data, e.g. SCSI persistent reservations;
+RESIZE (JSON {"size": N}: grow the volume online; a smaller size is refused).
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the
@@ -81,6 +82,7 @@ class Op(IntEnum):
     CHECKSUM = 13
     ATTRS = 14
     SET_ATTRS = 15
+    RESIZE = 16
 
 
 # Ops that change the replica: only on a connection opened with the current epoch.
@@ -94,10 +96,11 @@ MUTATING = frozenset(
         Op.CLOSE,
         Op.SNAPSHOT,
         Op.SET_ATTRS,
+        Op.RESIZE,
     }
 )
 # Ops whose payload is JSON.
-JSON_OPS = frozenset({Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT, Op.SET_ATTRS})
+JSON_OPS = frozenset({Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT, Op.SET_ATTRS, Op.RESIZE})
 
 
 class Status(IntEnum):

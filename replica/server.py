@@ -252,6 +252,9 @@ class _Connection(asyncio.Protocol):
                 raise ValueError("attributes too large")
             self.store.set_attrs(req.json())
             self._send(p.encode_response(req.tag))
+        elif op == Op.RESIZE:
+            self.store.resize(_int_field(req.json(), "size"))
+            self._send(p.encode_response(req.tag))
         elif op == Op.SNAPSHOT:
             name = req.json().get("name")
             if not isinstance(name, str) or not name:

@@ -306,7 +306,15 @@ class ReplicaStore:
             except OSError as e:
                 raise StoreError(f"cannot open layer {path}: {e.strerror}") from e
             self._fds.append(fd)
-            if (actual := os.fstat(fd).st_size) != size:
+            actual = os.fstat(fd).st_size
+            if actual > size:
+                # An interrupted resize grew the files but never recorded the new size: the
+                # recorded size is the truth (resize() grows files before the metadata).
+                log.warning(
+                    "layer %s: undoing an interrupted resize (%d -> %d)", path, actual, size
+                )
+                os.truncate(path, size)
+            elif actual != size:
                 raise StoreError(f"layer {path} is {actual} bytes, the volume is {size}")
             # Bottom to top, so each block ends up with the top-most snapshot holding it.
             block_map, value = (self._head, 1) if i == top else (self._base, i + 1)
@@ -609,6 +617,37 @@ class ReplicaStore:
                 pending = (start, stop)
         if pending:
             yield pending[0], pending[1] - pending[0]
+
+    # --- online growth -----------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """Grow the volume to `size` bytes (never shrinks). Crash-safe: the layer files grow
+        first (crash point resize.after_files) and the metadata records the size last; an
+        interrupted resize is undone at the next open."""
+        self._check_open()
+        if not isinstance(size, int) or size <= 0 or size % BLOCK:
+            raise ValueError(f"size must be a positive multiple of {BLOCK}, not {size!r}")
+        if size < self.size:
+            raise ValueError(f"cannot shrink the volume from {self.size} to {size} bytes")
+        if size == self.size:
+            return
+        try:
+            for layer in self.meta.chain:
+                os.truncate(self.directory / layer.file, size)
+            for fd in self._fds:
+                os.fsync(fd)
+        except OSError as e:
+            raise _io_error(e, "grow layer files") from e
+        crash_point("resize.after_files")
+        grow = size // BLOCK - len(self._head)
+        self._persist(size=size)
+        self._head.extend(bytes(grow))
+        self._base.extend(bytes(grow))
+        marks = self.intent.ranges()
+        self.intent.close()
+        self.intent = WriteIntent(self.directory / INTENT_FILE, size)
+        for off, n in marks:  # keep what was marked (region sizes may differ now)
+            self.intent.before_write(off, n)
 
     # --- volume attributes -------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from target.blockdev import (
     Extent,
     MediumError,
     NoSpace,
+    OutOfRange,
     ReadOnlyError,
     check_range,
 )
@@ -93,6 +94,11 @@ class Member:
         }
 
 
+def _refused(r: object) -> bool:
+    """A replica's answer that rejects the request as invalid (not a failure of the replica)."""
+    return isinstance(r, BlockError) and not isinstance(r, ReplicaDown) and r.errno == errno.EINVAL
+
+
 class QuorumError(ReadOnlyError):
     """Not enough current replicas to accept writes."""
 
@@ -134,6 +140,7 @@ class Replicator:
         self._attr_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self.on_resize: list[Any] = []  # callbacks(new_size), e.g. SCSI capacity changed
 
     # --- BlockDevice ------------------------------------------------------------------
 
@@ -214,13 +221,19 @@ class Replicator:
             elif m.missed is not None and length:
                 m.missed.mark(offset, length)
         results = await asyncio.gather(*(op(m.client) for m in targets), return_exceptions=True)
+        for r in results:
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+        refused = [r for r in results if _refused(r)]
+        if refused and len(refused) == len(results):
+            # Every replica refused the request itself (e.g. a snapshot name that exists):
+            # a bad request, not a failing replica.
+            raise OutOfRange(str(refused[0]), errno.EINVAL)
         ok = 0
         errors: list[BaseException] = []
         for m, r in zip(targets, results, strict=True):
             if isinstance(r, BaseException):
-                if isinstance(r, asyncio.CancelledError):
-                    raise r
-                errors.append(r)
+                errors.append(r)  # failed, or refused what its peers accepted: diverged
                 await self._drop(m, r)
                 if m.missed is not None and length:
                     m.missed.mark(offset, length)
@@ -366,11 +379,19 @@ class Replicator:
                 self._set_mode(m, Mode.ERR, f"stale: generation {info['generation']} < {top}")
             else:
                 current.append(m)
+        # An online resize reached the current replicas even if this target was started with
+        # the old size: the volume is as large as the largest of them (grow the rest).
+        self._size = max(self._size, *(infos[m.address]["size"] for m in current))
         opened = await asyncio.gather(*(self._open(m) for m in current), return_exceptions=True)
         for m, r in zip(current, opened, strict=True):
+            if r is None and infos[m.address]["size"] < self._size and m.client is not None:
+                try:
+                    await m.client.resize(self._size)
+                except BlockError as e:
+                    r = e
             if r is not None:
                 self._set_mode(m, Mode.ERR, f"open failed: {r}")
-        current = [m for m, r in zip(current, opened, strict=True) if r is None]
+        current = [m for m in current if m.client is not None]
         marked = merge_ranges(
             [tuple(r) for m in current for r in infos[m.address].get("dirty_regions", [])]
         )
@@ -425,19 +446,23 @@ class Replicator:
     async def _probe_all(self, infos: dict[str, dict[str, Any]]) -> None:
         """Connect to and INFO every replica not reached yet; adds to infos."""
         targets = [m for m in self.members if m.address not in infos]
-        results = await asyncio.gather(*(self._probe(m) for m in targets), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._probe(m, selecting=True) for m in targets), return_exceptions=True
+        )
         for m, r in zip(targets, results, strict=True):
             if isinstance(r, BaseException):
                 m.error = str(r)
             else:
                 infos[m.address] = r
 
-    async def _probe(self, m: Member) -> dict[str, Any]:
+    async def _probe(self, m: Member, selecting: bool = False) -> dict[str, Any]:
+        """Connect and INFO. Outside a selection a replica larger than the volume is not
+        ours; a smaller one missed a resize and is grown when it rejoins."""
         client = ReplicaClient(m.address, self.timeout)
         await client.connect()
         try:
             info = await client.info()
-            if info["size"] != self._size:
+            if info["size"] > self._size and not selecting:
                 raise BlockError(
                     f"replica {m.address} has size {info['size']}, volume has {self._size}"
                 )
@@ -527,12 +552,16 @@ class Replicator:
     async def _rejoin(self, m: Member) -> None:
         """Bring an ERR replica back as WO and start its rebuild."""
         info = await self._probe(m)
+        await self._open(m)
+        if info["size"] < self._size:  # it missed a resize: grow it, copy everything
+            assert m.client is not None
+            await m.client.resize(self._size)
+            m.missed = None
         incremental = (
             m.missed is not None
             and m.missed_since is not None
             and info["generation"] == m.missed_since
         )
-        await self._open(m)
         # What it may lack: the writes it missed (tracked), and if its kernel lost its page
         # cache too, what it had not flushed (its write-intent regions).
         own = [tuple(r) for r in info.get("dirty_regions", [])] if info.get("lost_cache") else []
@@ -619,6 +648,37 @@ class Replicator:
                 if m.client is None or not m.client.connected:
                     raise
                 await self._drop(src, e)
+
+    # --- online resize and snapshots ----------------------------------------------------
+
+    async def resize(self, size: int) -> None:
+        """Grow the volume: every RW and WO replica first (a quorum must succeed), then the
+        volume; replicas away at the time are grown, and fully rebuilt, when they rejoin."""
+        if size % BLOCK or size <= 0:
+            raise ValueError(f"size must be a positive multiple of {BLOCK}")
+        if size < self._size:
+            raise ValueError(f"cannot shrink the volume from {self._size} to {size} bytes")
+        if size == self._size:
+            return
+        async with self._ranges.exclusive(0, self._size):  # no write in flight meanwhile
+            await self._mutate(0, 0, lambda c: c.resize(size), locked=False)
+            self._size = size
+            for m in self.members:
+                if m.mode == Mode.ERR:
+                    m.missed = None  # its map has the old geometry: it needs everything
+        log.info("volume %s grown to %d bytes", self.volume, size)
+        for callback in self.on_resize:
+            callback(size)
+
+    async def snapshot(self, name: str) -> None:
+        """A snapshot of every RW and WO replica at one point in the write stream: writes are
+        held back and drained first, so all replicas freeze the same data."""
+        async with self._ranges.exclusive(0, self._size):
+            await self._mutate(0, 0, lambda c: c.snapshot(name), locked=False)
+
+    async def snapshots(self) -> list[str]:
+        info = await self._read_any(lambda c: c.info())
+        return list(info.get("snapshots", []))
 
     # --- API ----------------------------------------------------------------------------
 
