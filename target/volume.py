@@ -1,4 +1,4 @@
-"""One volume's stack in a target process: replicator -> per-frontend stats -> frontends."""
+"""One volume's stack in a target process: replicator -> QoS -> per-frontend stats -> frontends."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from target.frontends.iscsi.scsi.target import ScsiTarget
 from target.frontends.iscsi.server import IscsiServer, TargetConfig
 from target.frontends.nbd.server import NbdServer
+from target.qos import QosDevice, QosLimits
 from target.replicator import Replicator
 from target.stats import StatsDevice, VolumeMetrics
 
@@ -42,6 +43,7 @@ class VolumeOptions:
     replica_timeout_last: float | None = None
     rebuild_rate: int = 0
     iscsi: IscsiOptions | None = field(default=None)
+    qos: QosLimits = field(default_factory=QosLimits)
 
 
 class ReplicatedState:
@@ -71,6 +73,8 @@ class Volume:
             timeout_last=opts.replica_timeout_last,
             rebuild_rate=opts.rebuild_rate,
         )
+        # One QoS layer under both frontends: the limits are the volume's, not per frontend.
+        self.qos = QosDevice(self.replicator, opts.qos)
         self._metrics = VolumeMetrics(self.registry)
         self.frontends: dict[str, StatsDevice] = {}
         self.nbd: NbdServer | None = None
@@ -81,7 +85,7 @@ class Volume:
         return self.replicator.size
 
     def _device(self, frontend: str) -> StatsDevice:
-        dev = StatsDevice(self.replicator, self._metrics, self.name, frontend)
+        dev = StatsDevice(self.qos, self._metrics, self.name, frontend)
         self.frontends[frontend] = dev
         return dev
 
@@ -102,6 +106,7 @@ class Volume:
             {0: self._device("iscsi")}, volume=self.name, state=ReplicatedState(self.replicator)
         )
         await scsi.start()
+        self.replicator.on_resize.append(lambda _size: scsi.capacity_changed())
         config = TargetConfig(
             opts.iqn,
             scsi,
@@ -128,6 +133,8 @@ class Volume:
             "size": self.size,
             **st,
             "iqn": self.opts.iscsi.iqn if self.opts.iscsi else None,
+            "qos": self.qos.status(),
+            "rebuild_rate": self.replicator.limiter.rate,
             "stats": {
                 frontend: {
                     op: {"ops": t[0], "bytes": t[1], "errors": t[2]} for op, t in dev.totals.items()
