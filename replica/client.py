@@ -50,6 +50,7 @@ class ReplicaClient(asyncio.Protocol):
         self.timeout = timeout
         self._decoder = p.ResponseDecoder()
         self._pending: dict[int, tuple[asyncio.Future[p.Response], float]] = {}
+        self._long: dict[int, tuple[asyncio.Future[p.Response], float]] = {}
         self._tag = 0
         self._transport: asyncio.Transport | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -90,7 +91,7 @@ class ReplicaClient(asyncio.Protocol):
         try:
             while (resp := self._decoder.next()) is not None:
                 self.last_reply = time.monotonic()
-                entry = self._pending.pop(resp.tag, None)
+                entry = self._pending.pop(resp.tag, None) or self._long.pop(resp.tag, None)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result(resp)
         except p.ProtocolError as e:
@@ -111,6 +112,8 @@ class ReplicaClient(asyncio.Protocol):
         if self._watchdog is not None and self._watchdog is not _current_task():
             self._watchdog.cancel()
         pending, self._pending = self._pending, {}
+        pending.update(self._long)
+        self._long = {}
         for fut, _ in pending.values():
             if not fut.done():
                 fut.set_exception(ReplicaDown(f"replica {self.address}: {reason}"))
@@ -119,29 +122,47 @@ class ReplicaClient(asyncio.Protocol):
         interval = min(0.1, self.timeout / 4)
         while self._closed_reason is None:
             await asyncio.sleep(interval)
+            now = time.monotonic()
             if self._pending:
                 _fut, started = next(iter(self._pending.values()))
-                if time.monotonic() - started > self.timeout:
+                if now - started > self.timeout:
                     self._fail_all(f"request missed its {self.timeout:g}s deadline")
+            if any(now > due for _fut, due in self._long.values()):
+                self._fail_all("a long request missed its deadline")
 
     # --- requests ---------------------------------------------------------------------
 
     def _submit(
-        self, op: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b""
+        self,
+        op: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+        deadline: float | None = None,
     ) -> asyncio.Future[p.Response]:
         if self._closed_reason is not None or self._transport is None:
             raise ReplicaDown(f"replica {self.address}: {self._closed_reason}")
         self._tag += 1
         tag = self._tag
         fut: asyncio.Future[p.Response] = asyncio.get_running_loop().create_future()
-        self._pending[tag] = (fut, time.monotonic())
+        if deadline is None:
+            self._pending[tag] = (fut, time.monotonic())
+        else:  # a long request (a rebuild copy) carries its own deadline
+            self._long[tag] = (fut, time.monotonic() + deadline)
         self._transport.write(p.encode_request(op, tag, offset, length, flags, payload))
         return fut
 
     async def request(
-        self, op: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b""
+        self,
+        op: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+        deadline: float | None = None,
     ) -> p.Response:
-        resp = await self._submit(op, offset, length, flags, payload)
+        resp = await self._submit(op, offset, length, flags, payload, deadline)
         if resp.status != 0:
             raise error_for(resp.status, f"replica {self.address}: {resp.message}")
         return resp
@@ -174,6 +195,22 @@ class ReplicaClient(asyncio.Protocol):
         """CRC32C of the replica's data in the range (computed on the replica)."""
         resp = await self.request(Op.CHECKSUM, offset, length)
         return int.from_bytes(resp.payload, "little")
+
+    async def copy_from(
+        self,
+        source: str,
+        ranges: list[tuple[int, int]],
+        compare_first: bool = False,
+        deadline: float = 120.0,
+    ) -> dict[str, Any]:
+        """Have this replica pull `ranges` from the replica at `source` and verify them."""
+        body = {"source": source, "ranges": [list(r) for r in ranges]}
+        if compare_first:
+            body["compare_first"] = True
+        resp = await self.request(
+            Op.COPY_FROM, payload=json.dumps(body).encode(), deadline=deadline
+        )
+        return json.loads(resp.payload)
 
     async def resize(self, size: int) -> None:
         await self._json(Op.RESIZE, {"size": size})

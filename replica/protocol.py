@@ -34,7 +34,11 @@ BLOCK_STATUS (JSON list of [offset, length, flags]), SNAPSHOT (JSON {"name": ...
 CHECKSUM (the CRC32C of the range's data as 4 little-endian bytes; rebuild verification),
 ATTRS (all volume attributes as a JSON object) and SET_ATTRS (JSON object of keys to set;
 null deletes): small durable state kept with the data, e.g. SCSI persistent reservations;
-RESIZE (JSON {"size": N}: grow the volume online; a smaller size is refused).
+RESIZE (JSON {"size": N}: grow the volume online; a smaller size is refused);
+COPY_FROM (JSON {"source": "HOST:PORT", "ranges": [[offset, length], ...],
+"compare_first": bool}: pull those ranges from another replica and verify them, the data
+moving replica to replica during a rebuild; answers JSON counts; EREMOTEIO when the
+source failed, so the target can pick another).
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the
@@ -83,6 +87,7 @@ class Op(IntEnum):
     ATTRS = 14
     SET_ATTRS = 15
     RESIZE = 16
+    COPY_FROM = 17
 
 
 # Ops that change the replica: only on a connection opened with the current epoch.
@@ -97,10 +102,13 @@ MUTATING = frozenset(
         Op.SNAPSHOT,
         Op.SET_ATTRS,
         Op.RESIZE,
+        Op.COPY_FROM,
     }
 )
 # Ops whose payload is JSON.
-JSON_OPS = frozenset({Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT, Op.SET_ATTRS, Op.RESIZE})
+JSON_OPS = frozenset(
+    {Op.OPEN, Op.SET_GENERATION, Op.SNAPSHOT, Op.SET_ATTRS, Op.RESIZE, Op.COPY_FROM}
+)
 
 
 class Status(IntEnum):
@@ -113,6 +121,7 @@ class Status(IntEnum):
     ESTALE = errno.ESTALE
     ENOTSUP = errno.EOPNOTSUPP
     EPERM = errno.EPERM
+    EREMOTEIO = errno.EREMOTEIO
 
 
 class ProtocolError(Exception):

@@ -16,8 +16,9 @@ from typing import Any
 from native import crc32c
 from replica import faults
 from replica import protocol as p
-from replica.block import BlockError
+from replica.block import BlockError, check_range
 from replica.protocol import Op, Request, Status
+from replica.rebuild import Puller
 from replica.store import MAX_ATTRS_BYTES, Fenced, ReplicaStore, StoreError
 
 log = logging.getLogger("tandem.replica")
@@ -48,6 +49,7 @@ class ReplicaServer:
         self._server: asyncio.Server | None = None
         self._conns: set[_Connection] = set()
         self._tasks: set[asyncio.Future[None]] = set()
+        self.puller = Puller(store)
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
@@ -62,6 +64,7 @@ class ReplicaServer:
             for conn in list(self._conns):
                 conn.abort()
             await self._server.wait_closed()
+        self.puller.close()
         self.state = "closed"
 
     def info(self) -> dict[str, Any]:
@@ -252,6 +255,8 @@ class _Connection(asyncio.Protocol):
                 raise ValueError("attributes too large")
             self.store.set_attrs(req.json())
             self._send(p.encode_response(req.tag))
+        elif op == Op.COPY_FROM:
+            self._copy_from(req)
         elif op == Op.RESIZE:
             self.store.resize(_int_field(req.json(), "size"))
             self._send(p.encode_response(req.tag))
@@ -261,6 +266,34 @@ class _Connection(asyncio.Protocol):
                 raise ValueError("snapshot needs a name")
             self.store.snapshot(name)
             self._send(p.encode_response(req.tag))
+
+    def _copy_from(self, req: Request) -> None:
+        """Pull ranges from another replica in the background; the connection goes on with
+        other requests (the target keeps writes away from the ranges meanwhile)."""
+        body = req.json()
+        source = body.get("source")
+        raw = body.get("ranges")
+        if not isinstance(source, str) or not isinstance(raw, list):
+            raise ValueError("COPY_FROM needs a source address and a list of ranges")
+        ranges = []
+        for r in raw:
+            if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)):
+                raise ValueError(f"bad range {r!r}")
+            check_range(self.store.size, r[0], r[1])
+            ranges.append((r[0], r[1]))
+
+        async def run() -> None:
+            try:
+                stats = await self.server.puller.copy(
+                    source, ranges, bool(body.get("compare_first"))
+                )
+                self._send(p.encode_response(req.tag, 0, json.dumps(stats).encode()))
+            except BlockError as e:
+                self._send(p.encode_error(req.tag, e.errno, str(e)))
+
+        task = asyncio.ensure_future(run())
+        self.server._tasks.add(task)
+        task.add_done_callback(self.server._tasks.discard)
 
     def _flush_then_reply(self, tag: int) -> None:
         async def run() -> None:

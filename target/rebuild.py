@@ -1,11 +1,9 @@
-"""Copying data between replicas: rebuild of a returning or new replica, resync after a crash.
+"""Planning the copies of a rebuild (the target's side; replica/rebuild.py moves the data).
 
-A copy works window by window (1 MiB, aligned), each holding the pieces to copy. Per window
-the source's block status decides what moves: holes become an UNMAP on the destination (so
-nothing stale survives there), data is read and written; only allocated extents cross the
-network. The window is then verified: both replicas compute the CRC32C of the whole window
-locally and the checksums must match. The caller holds the window's range exclusively for
-all of it, so no write races the copy.
+What a replica must copy is cut into 1 MiB windows, the unit of locking: while a window is
+copied, writes to it wait (target/rangelock.py), so none races the copy. Windows are
+grouped into batches, one COPY_FROM request each, which the rebuilding replica executes by
+pulling from a current replica and verifying every piece by checksum.
 """
 
 from __future__ import annotations
@@ -14,27 +12,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
-from replica.block import STATE_HOLE, BlockError, Extent
-
-CHUNK = 1024 * 1024
-WORKERS = 4
-
-
-class CopySource(Protocol):
-    async def read(self, offset: int, length: int) -> bytes: ...
-    async def block_status(self, offset: int, length: int) -> list[Extent]: ...
-    async def checksum(self, offset: int, length: int) -> int: ...
-
-
-class CopyTarget(CopySource, Protocol):
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None: ...
-    async def unmap(self, offset: int, length: int) -> None: ...
-
-
-class VerifyError(BlockError):
-    """A copied chunk's checksum differs between source and destination."""
+CHUNK = 1024 * 1024  # the locking window
+BATCH_BYTES = 64 << 20  # data per COPY_FROM request
+BATCH_WINDOWS = 4096  # windows locked per request
+WORKERS = 2
+T = TypeVar("T")
 
 
 @dataclass
@@ -105,75 +89,40 @@ def windows(
         yield current
 
 
-async def _copy_pieces(
-    src: CopySource,
-    dst: CopyTarget,
-    start: int,
-    end: int,
-    pieces: list[tuple[int, int]],
-    limiter: RateLimiter,
-) -> int:
-    """Make dst equal src on the pieces of window [start, end): holes on the source become
-    UNMAPs, data is read and written; the pieces move concurrently."""
-    extents = await src.block_status(start, end - start)
-    jobs = []
-    moved = 0
-    for p0, p1 in pieces:
-        for e in extents:
-            lo, hi = max(e.offset, p0), min(e.offset + e.length, p1)
-            if hi <= lo:
-                continue
-            if e.flags & STATE_HOLE:
-                jobs.append(dst.unmap(lo, hi - lo))
-            else:
-                await limiter.take(hi - lo)
-                jobs.append(_move(src, dst, lo, hi - lo))
-                moved += hi - lo
-    await asyncio.gather(*jobs)
-    return moved
+def batches(
+    items: Iterator[tuple[int, int, list[tuple[int, int]]]],
+    max_bytes: int = BATCH_BYTES,
+    max_windows: int = BATCH_WINDOWS,
+) -> Iterator[list[tuple[int, int, list[tuple[int, int]]]]]:
+    """Group windows into batches: one COPY_FROM request each, so a catch-up of scattered
+    blocks costs a few round trips, not one per block."""
+    batch: list[tuple[int, int, list[tuple[int, int]]]] = []
+    size = 0
+    for w in items:
+        batch.append(w)
+        size += sum(b - a for a, b in w[2])
+        if size >= max_bytes or len(batch) >= max_windows:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
-async def _move(src: CopySource, dst: CopyTarget, offset: int, length: int) -> None:
-    await dst.write(offset, await src.read(offset, length))
-
-
-async def _same(src: CopySource, dst: CopyTarget, start: int, end: int) -> bool:
-    a, b = await asyncio.gather(src.checksum(start, end - start), dst.checksum(start, end - start))
-    return a == b
-
-
-async def copy_window(
-    src: CopySource,
-    dst: CopyTarget,
-    start: int,
-    end: int,
-    pieces: list[tuple[int, int]],
-    limiter: RateLimiter,
-) -> int:
-    """Copy the pieces of a window, then verify the whole window by checksum. If the rest of
-    the window turns out to differ too (the premise of an incremental copy broken), copy the
-    whole window and verify again. Returns the bytes of data moved."""
-    moved = await _copy_pieces(src, dst, start, end, pieces, limiter)
-    if await _same(src, dst, start, end):
-        return moved
-    if pieces != [(start, end)]:
-        moved += await _copy_pieces(src, dst, start, end, [(start, end)], limiter)
-        if await _same(src, dst, start, end):
-            return moved
-    raise VerifyError(f"window {start}+{end - start}: checksums differ after the copy")
+def copy_deadline(nbytes: int) -> float:
+    """How long a replica may take to pull nbytes (generous: a slow disk is not a failure)."""
+    return 30.0 + nbytes / (20 << 20)
 
 
 async def run_workers(
-    items: Iterator[tuple[int, int, list[tuple[int, int]]]],
-    work: Callable[[int, int, list[tuple[int, int]]], Awaitable[None]],
+    items: Iterator[T],
+    work: Callable[[T], Awaitable[None]],
     workers: int = WORKERS,
 ) -> None:
-    """Run work(start, end, pieces) for every window, `workers` at a time; the first error
-    cancels all."""
+    """Run work(item) for every item, `workers` at a time; the first error cancels all."""
 
     async def worker() -> None:
-        for start, end, pieces in items:  # a shared iterator: each window is taken once
-            await work(start, end, pieces)
+        for item in items:  # a shared iterator: each item is taken once
+            await work(item)
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:

@@ -49,7 +49,7 @@ from target.blockdev import (
     check_range,
 )
 from target.rangelock import RangeLock
-from target.rebuild import Progress, RateLimiter, copy_window, run_workers, windows
+from target.rebuild import Progress, RateLimiter, batches, copy_deadline, run_workers, windows
 from target.regions import RegionMap, merge_ranges
 
 log = logging.getLogger("tandem.replicator")
@@ -396,7 +396,8 @@ class Replicator:
             [tuple(r) for m in current for r in infos[m.address].get("dirty_regions", [])]
         )
         if len(current) > 1:
-            await self._resync(current, marked)
+            lost = {m.address: bool(infos[m.address].get("lost_cache")) for m in current}
+            await self._resync(current, marked, lost)
         for m in current:
             if m.client is not None:  # not failed during the resync
                 self._set_mode(m, Mode.RW)
@@ -412,27 +413,35 @@ class Replicator:
             " (read-only)" if self.readonly else "",
         )
 
-    async def _resync(self, current: list[Member], ranges: list[tuple[int, int]]) -> None:
+    async def _resync(
+        self, current: list[Member], ranges: list[tuple[int, int]], lost: dict[str, bool]
+    ) -> None:
         """After a crash, current replicas may differ where their write-intent logs say:
         copy those regions from one of them to the others before serving any I/O."""
+        # The primary's copy wins where they differ: prefer one that kept its page cache
+        # (a replica back from a power loss may lack writes its peers acknowledged).
+        current = sorted(current, key=lambda m: bool(lost.get(m.address)))
         primary, others = current[0], current[1:]
         total = sum(n for _, n in ranges)
         t0 = time.monotonic()
         if total:
             log.info("resynchronising %d bytes of marked regions from %s", total, primary.address)
 
-        async def work(start: int, end: int, pieces: list[tuple[int, int]]) -> None:
-            assert primary.client is not None
-            for m in others:  # mostly identical already: compare first, copy what differs
-                if m.client is not None:
-                    await copy_window(primary.client, m.client, start, end, [], RateLimiter(0))
-
         try:
             assert primary.client is not None
             for m in others:
                 if m.client is not None:
                     await self._copy_attrs(primary.client, m.client)
-            await run_workers(windows(ranges), work)
+            # Mostly identical already: each compares first and pulls only what differs.
+            await asyncio.gather(
+                *(
+                    m.client.copy_from(
+                        primary.address, ranges, compare_first=True, deadline=copy_deadline(total)
+                    )
+                    for m in others
+                    if m.client is not None
+                )
+            )
         except BlockError as e:
             # Whoever failed is not trustworthy here; the primary's copy stays authoritative.
             for m in others:
@@ -584,16 +593,19 @@ class Replicator:
         crash_point("rebuild.after_wo")
         half = progress.total // 2
 
-        async def work(start: int, end: int, pieces: list[tuple[int, int]]) -> None:
-            async with self._ranges.exclusive(start, end):
-                await self._copy_to(m, start, end, pieces, progress)
+        async def work(batch: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
+            pieces = [piece for _, _, ps in batch for piece in ps]
             step = sum(b - a for a, b in pieces)
+            await self.limiter.take(step)
+            async with self._ranges.exclusive_many([(a, b) for a, b, _ in batch]):
+                await self._copy_to(m, pieces, progress)
             progress.done += step
             if progress.done >= half > progress.done - step:
                 crash_point("rebuild.mid_copy")
 
         try:
-            await run_workers(windows(ranges), work)
+            await run_workers(batches(windows(ranges)), work)
+            copied_at = time.monotonic()
             if m.mode != Mode.WO or m.client is None:
                 return
             src = self._reader()
@@ -616,6 +628,7 @@ class Replicator:
                     "total_bytes": progress.total,
                     "copied_bytes": progress.copied,
                     "seconds": round(time.monotonic() - progress.started, 3),
+                    "copy_seconds": round(copied_at - progress.started, 3),
                 }
                 self._set_mode(m, Mode.RW)
             log.info(
@@ -628,26 +641,26 @@ class Replicator:
             if m.mode != Mode.ERR:
                 await self._drop(m, f"rebuild failed: {e}")
 
-    async def _copy_to(
-        self, m: Member, start: int, end: int, pieces: list[tuple[int, int]], progress: Progress
-    ) -> None:
-        """Copy one window from a current replica to m; a failing source is dropped and
-        another tried, a failing destination fails the rebuild."""
+    async def _copy_to(self, m: Member, pieces: list[tuple[int, int]], progress: Progress) -> None:
+        """m pulls the pieces from a current replica and verifies them; a failing source is
+        dropped and another tried, a failing destination fails the rebuild."""
         while True:
             src = self._reader()
             if src is None or src.client is None:
                 raise MediumError("no current replica to rebuild from")
             if m.client is None:
                 raise MediumError("rebuilding replica went away")
+            ranges = [(a, b - a) for a, b in pieces]
             try:
-                progress.copied += await copy_window(
-                    src.client, m.client, start, end, pieces, self.limiter
+                stats = await m.client.copy_from(
+                    src.address, ranges, deadline=copy_deadline(sum(n for _, n in ranges))
                 )
+                progress.copied += stats["copied"]
                 return
-            except ReplicaDown as e:
-                if m.client is None or not m.client.connected:
+            except BlockError as e:
+                if e.errno != errno.EREMOTEIO or m.client is None or not m.client.connected:
                     raise
-                await self._drop(src, e)
+                await self._drop(src, e)  # the source failed: try another
 
     # --- online resize and snapshots ----------------------------------------------------
 

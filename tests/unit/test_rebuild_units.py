@@ -54,3 +54,13 @@ def test_progress_eta() -> None:
     p.done = 50
     d = p.as_dict()
     assert d["percent"] == 50.0 and 9 < d["eta_seconds"] < 11
+
+
+def test_batches_bound_bytes_and_windows() -> None:
+    from target.rebuild import batches
+
+    ws = list(windows([(i * MiB, 4096) for i in range(10)], window=MiB))
+    got = list(batches(iter(ws), max_bytes=1 << 30, max_windows=4))
+    assert [len(b) for b in got] == [4, 4, 2]
+    big = list(windows([(0, 10 * MiB)], window=MiB))
+    assert [len(b) for b in batches(iter(big), max_bytes=3 * MiB)] == [3, 3, 3, 1]

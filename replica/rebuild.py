@@ -1,0 +1,146 @@
+"""The replica side of a rebuild: pull ranges from a current replica (COPY_FROM).
+
+The target decides what to copy and holds those ranges locked against writes; the data
+itself moves replica to replica, never through the target. Per piece (at most PIECE bytes):
+the source's block status decides what moves (holes become local UNMAPs, so nothing stale
+survives; only allocated extents cross the network), then the piece is verified: the CRC32C
+of the local copy read back must equal that of the source's data. Many pieces are in flight
+at once on one pipelined connection to the source.
+
+With `compare_first` a piece whose checksum already matches is left alone: a crash resync
+mostly finds the replicas equal and then only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+from native import crc32c
+from replica.block import STATE_HOLE, BlockError
+from replica.client import ReplicaClient
+from replica.store import ReplicaStore
+
+log = logging.getLogger("tandem.replica.rebuild")
+
+T = TypeVar("T")
+PIECE = 1 << 20
+IN_FLIGHT = 64
+SMALL = 64 << 10  # pieces up to this size skip the block-status round trip
+
+
+class SourceError(BlockError):
+    """The source replica failed or could not be reached: the target may try another."""
+
+    errno = errno.EREMOTEIO
+
+
+class CopyMismatch(BlockError):
+    """The copy does not match the source after it was made."""
+
+    errno = errno.EIO
+
+
+async def _ask(request: Awaitable[T]) -> T:
+    """A request to the source: any failure of it is the source's (SourceError)."""
+    try:
+        return await request
+    except BlockError as e:
+        raise SourceError(f"source replica: {e}") from e
+
+
+def pieces(ranges: list[tuple[int, int]], piece: int = PIECE) -> Iterator[tuple[int, int]]:
+    for off, n in ranges:
+        pos, end = off, off + n
+        while pos < end:
+            stop = min(end, (pos // piece + 1) * piece)
+            yield pos, stop - pos
+            pos = stop
+
+
+class Puller:
+    """Keeps one connection per source address and copies ranges from it into the store."""
+
+    def __init__(self, store: ReplicaStore) -> None:
+        self.store = store
+        self._sources: dict[str, ReplicaClient] = {}
+
+    async def _source(self, address: str) -> ReplicaClient:
+        client = self._sources.get(address)
+        if client is None or not client.connected:
+            client = ReplicaClient(address, timeout=30.0)
+            try:
+                await client.connect()
+            except BlockError as e:
+                raise SourceError(f"source {address}: {e}") from e
+            self._sources[address] = client
+        return client
+
+    async def copy(
+        self, address: str, ranges: list[tuple[int, int]], compare_first: bool = False
+    ) -> dict[str, Any]:
+        src = await self._source(address)
+        stats = {"copied": 0, "unmapped": 0, "compared": 0, "pieces": 0}
+        todo = pieces(ranges)
+        failure: list[BaseException] = []
+
+        async def worker() -> None:
+            for off, n in todo:
+                if failure:
+                    return
+                try:
+                    await self._piece(src, off, n, compare_first, stats)
+                except BaseException as e:
+                    failure.append(e)
+                    return
+
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        if failure:
+            raise failure[0]
+        return stats
+
+    async def _piece(
+        self, src: ReplicaClient, off: int, n: int, compare_first: bool, stats: dict[str, int]
+    ) -> None:
+        stats["pieces"] += 1
+        if compare_first:
+            stats["compared"] += n
+            if await _ask(src.checksum(off, n)) == crc32c(self.store.read(off, n)):
+                return
+        if n <= SMALL:
+            # A small piece: one read, no block status; zeros become a hole here, which reads
+            # the same and keeps the replica thin.
+            data = await _ask(src.read(off, n))
+            if data.count(0) == n:
+                self.store.unmap(off, n)
+                stats["unmapped"] += n
+            else:
+                self.store.write(off, data)
+                stats["copied"] += n
+            if crc32c(self.store.read(off, n)) != crc32c(data):
+                raise CopyMismatch(f"piece {off}+{n} differs from the source after the copy")
+            return
+        expect = bytearray(n)  # what the piece must read as afterwards (holes: zeros)
+        for e in await _ask(src.block_status(off, n)):
+            lo, hi = max(e.offset, off), min(e.offset + e.length, off + n)
+            if hi <= lo:
+                continue
+            if e.flags & STATE_HOLE:
+                self.store.unmap(lo, hi - lo)
+                stats["unmapped"] += hi - lo
+            else:
+                data = await _ask(src.read(lo, hi - lo))
+                self.store.write(lo, data)
+                expect[lo - off : hi - off] = data
+                stats["copied"] += hi - lo
+        # Verified against the source's data itself (the range is locked, so it is current).
+        if crc32c(self.store.read(off, n)) != crc32c(expect):
+            raise CopyMismatch(f"piece {off}+{n} differs from the source after the copy")
+
+    def close(self) -> None:
+        for client in self._sources.values():
+            client.close()
+        self._sources.clear()
