@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import click
 
+from maya.agent.cli import agent
+from maya.apiserver.cli import apiserver
+from maya.commands.node import node
+from maya.commands.qos import qos
+from maya.commands.snapshot import snapshot
+from maya.commands.volume import volume
 from maya.up import up
 from replica.cli import replica
 from target.cli import target
@@ -15,9 +21,8 @@ def main() -> None:
     """Tandem: replicated block storage for containers and VMs (iSCSI and NBD)."""
 
 
-main.add_command(up)
-main.add_command(replica)
-main.add_command(target)
+for command in (up, volume, snapshot, node, qos, apiserver, agent, replica, target):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -1,44 +1,34 @@
 """`tandem up`: the embedded local default that `make run` starts.
 
-N replicas and one target for a default volume, as child processes on this host; stops
-them cleanly (target first, so replicas record a clean close) on Ctrl-C or SIGTERM and
-leaves the data for the next start.
+An apiserver and one agent in this process (one event loop), a default pool under the
+data directory, and a demo volume placed through the API like any other: its replicas
+and target run as the agent's supervised children. One node cannot give replicas
+distinct hosts, so this apiserver runs with anti-affinity relaxed (`colocate_replicas`,
+said out loud at start), never a silent fallback. Ctrl-C or SIGTERM stops the target
+first, then the replicas (clean close), then the control plane; the database, the
+agent's records (ports) and the data stay, so the next `tandem up` serves the same
+volume at the same addresses.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
+import contextlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from replica.sizes import format_size, parse_size
-from target.volume import default_iqn
+from maya.paths import TOKEN_FILE, default_data_dir, load_or_create_token
+from maya.validation import format_size, parse_size
 
+if TYPE_CHECKING:
+    import httpx
 
-def default_data_dir() -> Path:
-    if os.environ.get("TANDEM_HOME"):
-        return Path(os.environ["TANDEM_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "tandem"
-
-
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"{proc.args[3]} exited with status {proc.returncode}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise click.ClickException(f"nothing listening on {host}:{port} after {timeout:g}s")
+NODE = "local"
+SERVING = ("Healthy", "Degraded", "Rebuilding")
 
 
 @click.command()
@@ -46,7 +36,7 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where replica data lives [default: $TANDEM_HOME or ~/.local/share/tandem].",
+    help="Where state and replica data live [default: $TANDEM_HOME or ~/.local/share/tandem].",
 )
 @click.option("--volume", default="demo", show_default=True, help="Volume name.")
 @click.option("--size", default="1G", show_default=True, help="Volume size.")
@@ -54,13 +44,14 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--nbd-port", type=int, default=10809, show_default=True)
 @click.option("--iscsi-port", type=int, default=3260, show_default=True)
-@click.option("--api-port", type=int, default=9501, show_default=True)
+@click.option("--apiserver-port", type=int, default=5656, show_default=True)
+@click.option("--agent-port", type=int, default=5657, show_default=True)
 @click.option(
-    "--replica-port",
-    type=int,
-    default=9502,
+    "--timeout",
+    type=float,
+    default=120,
     show_default=True,
-    help="First replica's data port; replica i uses this + 10*i (API: + 1).",
+    help="Seconds to wait for the volume to serve.",
 )
 def up(
     data_dir: Path | None,
@@ -70,115 +61,175 @@ def up(
     host: str,
     nbd_port: int,
     iscsi_port: int,
-    api_port: int,
-    replica_port: int,
+    apiserver_port: int,
+    agent_port: int,
+    timeout: float,
 ) -> None:
-    """Start a local replicated volume (replicas + target) and print how to connect."""
-    nbytes = parse_size(size)
-    data_dir = (data_dir or default_data_dir()).expanduser().resolve()
-    log_dir = data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    children: list[subprocess.Popen[bytes]] = []
+    """Start a local control plane with a replicated demo volume; print how to connect."""
+    import logging
 
-    def spawn(name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "maya", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        children.append(proc)
-        return proc
-
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        addrs = []
-        for i in range(replicas):
-            port = replica_port + 10 * i
-            proc = spawn(
-                f"{volume}-replica-{i}",
-                "replica",
-                "serve",
-                "--dir",
-                str(data_dir / volume / f"replica-{i}"),
-                "--size",
-                str(nbytes),
-                "--volume",
+        nbytes = parse_size(size)
+        data_dir = (data_dir or default_data_dir()).expanduser().resolve()
+        asyncio.run(
+            _up(
+                data_dir,
                 volume,
-                "--listen",
-                f"{host}:{port}",
-                "--api",
-                f"{host}:{port + 1}",
+                nbytes,
+                replicas,
+                host,
+                {"nbd": nbd_port, "iscsi": iscsi_port},
+                apiserver_port,
+                agent_port,
+                timeout,
             )
-            _wait_port(host, port, proc, 30)
-            addrs.append(f"{host}:{port}")
-        args = [
-            "target",
-            "serve",
-            "--volume",
-            volume,
-            "--size",
-            str(nbytes),
-            "--nbd",
-            f"{host}:{nbd_port}",
-            "--iscsi",
-            f"{host}:{iscsi_port}",
-            "--api",
-            f"{host}:{api_port}",
-        ]
-        for a in addrs:
-            args += ["--replica", a]
-        target = spawn(f"{volume}-target", *args)
-        _wait_port(host, nbd_port, target, 60)
-        _wait_port(host, iscsi_port, target, 30)
-        uri = f"nbd://{host}:{nbd_port}/{volume}"
-        iqn = default_iqn(volume)
-        iscsi_url = f"iscsi://{host}:{iscsi_port}/{iqn}/0"
+        )
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+async def _up(
+    data_dir: Path,
+    volume: str,
+    size: int,
+    replicas: int,
+    host: str,
+    ports: dict[str, int],
+    apiserver_port: int,
+    agent_port: int,
+    timeout: float,
+) -> None:
+    # Imported here: every `tandem` command (and every process the agent starts) loads
+    # this module, and the servers' imports cost a quarter of a second.
+    import httpx
+
+    from maya.agent.agent import Agent, AgentConfig, wait_registered
+    from maya.agent.api import make_app as make_agent_app
+    from maya.agent.pools import Pool
+    from maya.apiserver.daemon import Apiserver
+    from maya.apiserver.settings import Settings
+    from replica.webserver import WebServer
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    token = load_or_create_token(data_dir / TOKEN_FILE)
+    settings = Settings(
+        db=data_dir / "maya.db", token=token, colocate_replicas=True, poll_interval=1.0
+    )
+    click.echo(
+        f"one node: replica anti-affinity is relaxed for this setup (the apiserver's "
+        f"colocate_replicas setting), so the {replicas} replicas share it"
+    )
+    api = Apiserver(settings, host, apiserver_port)
+    url = f"http://{host}:{api.port}"
+    agent = Agent(
+        AgentConfig(
+            apiserver=url,
+            token=token,
+            node=NODE,
+            address=host,
+            state_dir=data_dir / "agent",
+            pools=[Pool("default", data_dir / "pool")],
+            heartbeat=2.0,
+            agent_url=f"http://{host}:{agent_port}",
+            stop_children_on_exit=True,
+        )
+    )
+    agent_web = WebServer(make_agent_app(agent), host, agent_port)
+    started: list[Any] = []
+    try:
+        await api.start()
+        started.append(api)
+        await agent_web.start()
+        started.append(agent_web)
+        await agent.start()
+        started.append(agent)
+        await wait_registered(agent, 30)
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as http:
+            vol = await _demo_volume(http, volume, size, replicas, ports)
+            vol = await _wait_serving(http, volume, timeout, stop)
+        if vol is None:
+            return  # stopped while starting
+        _print_banner(vol, data_dir, url)
+        await stop.wait()
+        click.echo("\nstopping Tandem...")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        # The agent first (target, then replicas), then the control plane.
+        for part in reversed(started):
+            with contextlib.suppress(Exception):
+                await part.close()
+
+
+async def _demo_volume(
+    http: httpx.AsyncClient, name: str, size: int, replicas: int, ports: dict[str, int]
+) -> dict[str, Any]:
+    r = await http.get(f"/v1/volumes/{name}")
+    if r.status_code == 200:
+        vol = r.json()
         click.echo(
-            f"""
-Tandem is up: volume {volume!r}, {format_size(nbytes)}, {replicas} replica(s), data in {data_dir}
+            f"reusing volume {name!r} ({format_size(vol['size'])}, "
+            f"{vol['replica_count']} replicas) from the last start"
+        )
+        return vol
+    body = {"name": name, "size": size, "replica_count": replicas, "ports": ports}
+    r = await http.post("/v1/volumes", json=body)
+    if r.status_code >= 400:
+        raise click.ClickException(f"cannot create volume {name!r}: {r.json().get('detail')}")
+    return r.json()
+
+
+async def _wait_serving(
+    http: httpx.AsyncClient, name: str, timeout: float, stop: asyncio.Event
+) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        vol = (await http.get(f"/v1/volumes/{name}")).json()
+        if vol["phase"] in SERVING and (vol["nbd_uri"] or vol["target_portal"]):
+            return vol
+        if vol["phase"] in ("Failed", "ReadOnly") or time.monotonic() > deadline:
+            raise click.ClickException(f"volume {name!r} is {vol['phase']}: {vol['message']}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+    return None
+
+
+def _print_banner(vol: dict[str, Any], data_dir: Path, url: str) -> None:
+    uri, portal, iqn = vol["nbd_uri"], vol["target_portal"], vol["iqn"]
+    iscsi_url = f"iscsi://{portal}/{iqn}/0"
+    name = vol["name"]
+    env = (
+        ""
+        if data_dir == default_data_dir().expanduser().resolve()
+        else (f"\n  export TANDEM_HOME={data_dir}   # so `tandem` finds this apiserver's token")
+    )
+    click.echo(
+        f"""
+Tandem is up: volume {name!r}, {format_size(vol["size"])}, {vol["replica_count"]} replica(s), \
+data in {data_dir}
 
   NBD URI   {uri}
-  iSCSI     portal {host}:{iscsi_port}  IQN {iqn}  LUN 0
-  REST API  http://{host}:{api_port}/v1/volume   (metrics: /metrics)
+  iSCSI     portal {portal}  IQN {iqn}  LUN {vol["lun"]}
+  API       {url}   (OpenAPI: /openapi.json, metrics: /metrics)
 
-Try, from another shell:
+Try, from another shell:{env}
+  tandem volume describe {name}
   nbdinfo {uri}
   nbdcopy image.raw {uri}          # write an image into the volume
   nbdcopy {uri} copy.raw           # and read it back
-  qemu-img info {uri}
   qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'
-  mkdir -p mnt && nbdfuse mnt/disk.img {uri} &   # then mkfs.ext4 + mount -o loop
-  iscsi-ls -s iscsi://{host}:{iscsi_port}
+  iscsi-ls -s iscsi://{portal}
   qemu-img info {iscsi_url}
-  iscsiadm -m discovery -t st -p {host}:{iscsi_port} && iscsiadm -m node -T {iqn} --login
+  iscsiadm -m discovery -t st -p {portal} && iscsiadm -m node -T {iqn} --login
+  tandem volume create vol2 --size 10G --replicas {vol["replica_count"]}
 
-Logs in {log_dir}. Ctrl-C stops everything; the data stays for the next start.
+Logs in {data_dir / "agent" / "logs"}. Ctrl-C stops everything; the data stays for the next start.
 """,
-            nl=False,
-        )
-        while True:
-            for proc in children:
-                if proc.poll() is not None:
-                    raise click.ClickException(
-                        f"{' '.join(proc.args[3:5])} exited with status {proc.returncode}; "
-                        f"see {log_dir}"
-                    )
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        click.echo("\nstopping Tandem...")
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # The target first: it closes the replicas cleanly before they stop.
-        for proc in reversed(children):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        nl=False,
+    )

@@ -68,7 +68,7 @@ class _ModeCollector:
         )
         for m in r.members:
             if m.rebuild:
-                rb.add_metric([self.volume.name, m.address], m.rebuild["done"])
+                rb.add_metric([self.volume.name, m.address], m.rebuild.done)
         yield rb
         qos = self.volume.qos
         thr = CounterMetricFamily(
