@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # fio rebuilt with the libiscsi engine (Debian's has only nbd); tests and perf use it.
 FIO_ISCSI := /opt/fio-libiscsi/bin/fio
 
-.PHONY: setup apt run test lint fmt clean perf
+.PHONY: setup apt run test lint fmt clean perf asan
 
 setup: apt $(STAMP)
 
@@ -55,3 +55,19 @@ clean:
 # make perf PERF_ARGS="--quick --only tandem-nbd-1,nbdkit"
 perf: setup
 	$(BIN)/python -m perf.run $(PERF_ARGS)
+
+# The engine built with AddressSanitizer + UBSan (native/_native_asan.abi3.so, objects in
+# build/asan) and the engine tests run against it: in-process, and in the replica processes
+# they start (TANDEM_NATIVE=asan and LD_PRELOAD reach them through the environment).
+ASAN_REPORT := $(CURDIR)/build/asan/report
+ASAN_TESTS := tests/unit/test_engine_*.py tests/integration/test_engine_*.py \
+	tests/integration/test_replica_server.py
+asan: setup
+	$(BIN)/python native/build.py --asan
+	@rm -f $(ASAN_REPORT).*
+	TANDEM_NATIVE=asan TANDEM_ENGINE=native \
+	ASAN_OPTIONS=detect_leaks=0:log_path=$(ASAN_REPORT) \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$(ASAN_REPORT) \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	$(BIN)/pytest -q -p no:cacheprovider $(ASAN_TESTS); \
+	rc=$$?; if ls $(ASAN_REPORT).* >/dev/null 2>&1; then cat $(ASAN_REPORT).*; rc=1; fi; exit $$rc

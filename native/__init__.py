@@ -1,13 +1,19 @@
 """Thin wrapper over the C hot path (`native._native`, built by cffi from native/*.c).
 
 Everything here has a pure-Python reference so Tandem still runs (slower) where the
-extension could not be built; `AVAILABLE` says which one is in use.
+extension could not be built; `AVAILABLE` says which one is in use. TANDEM_NATIVE=asan
+loads the AddressSanitizer build (`make asan`) instead.
 """
 
 from __future__ import annotations
 
+import os
+
 try:
-    from native._native import ffi, lib
+    if os.environ.get("TANDEM_NATIVE") == "asan":
+        from native._native_asan import ffi, lib
+    else:
+        from native._native import ffi, lib
 
     AVAILABLE = True
 except ImportError:  # extension not built: fall back to the reference code
@@ -42,3 +48,15 @@ def uring_error() -> int:
     if lib is None:
         return -38  # ENOSYS: no engine built
     return lib.tandem_uring_probe()
+
+
+def engine_unavailable() -> str | None:
+    """Why the io_uring engine cannot run here (None when it can)."""
+    if lib is None:
+        return "the native extension is not built"
+    if not hasattr(lib, "tandem_engine_new"):
+        return "the native extension predates the engine (rebuild it: make setup)"
+    err = uring_error()
+    if err:
+        return f"io_uring is unavailable here ({os.strerror(-err)})"
+    return None

@@ -1,7 +1,13 @@
+/* Tandem's C hot path: the public interface (what Python calls through cffi).
+ *
+ * The text between the cffi markers is also the cffi cdef (native/build.py reads it), so
+ * it must stay plain declarations: no macros, no includes. */
 #ifndef TANDEM_H
 #define TANDEM_H
 #include <stddef.h>
 #include <stdint.h>
+
+/* cffi:begin */
 
 /* CRC32C of buf, continuing from crc (0 to start). */
 uint32_t tandem_crc32c(uint32_t crc, const void *buf, size_t len);
@@ -9,5 +15,148 @@ uint32_t tandem_crc32c(uint32_t crc, const void *buf, size_t len);
 int tandem_crc32c_hw(void);
 /* 0 when an io_uring can be set up here, else -errno. */
 int tandem_uring_probe(void);
+
+/* --- the engine (native/ENGINE.md) ------------------------------------------------------ */
+
+typedef struct engine tandem_engine;
+
+/* Events the engine hands to Python (drained with tandem_engine_events). */
+enum {
+    TANDEM_EV_PAUSED = 1,      /* id: the pause request; in-flight I/O drained */
+    TANDEM_EV_UPCALL = 2,      /* conn, tag, op, flags, offset, length, data: a request for Python */
+    TANDEM_EV_CONN_CLOSED = 3, /* conn: the engine closed the socket and forgot the connection */
+    TANDEM_EV_PROTO_ERROR = 4, /* conn, data: the stream is not the protocol; closing it */
+    TANDEM_EV_FAULT_DROP = 5,  /* conn, op: a drop fault closed the connection */
+    TANDEM_EV_FAULT_USED = 6,  /* id: fault slot whose count was consumed by one */
+    TANDEM_EV_LOG = 7,         /* status: logging level (20 info, 30 warning), data: text */
+};
+
+struct tandem_event {
+    uint32_t type;
+    int32_t status;
+    uint64_t id;
+    uint64_t conn;
+    uint64_t tag;
+    uint64_t offset;
+    uint32_t length;
+    uint8_t op;
+    uint8_t flags;
+    uint16_t reserved;
+    void *data; /* malloc'ed, or NULL; Python copies it and calls tandem_free */
+    uint32_t data_len;
+};
+
+/* Connection kinds handed to tandem_conn_add. */
+enum {
+    TANDEM_CONN_REPLICA_SERVER = 1, /* serves the replica data protocol (replica/protocol.py) */
+};
+
+/* Epoch actions of tandem_conn_reply. */
+enum {
+    TANDEM_EPOCH_KEEP = 0,
+    TANDEM_EPOCH_SET = 1,
+    TANDEM_EPOCH_CLEAR = 2,
+};
+
+/* Fault actions (replica/faults.py) and slots (the op names; slot 6 is "replica.*"). */
+enum {
+    TANDEM_FAULT_NONE = 0,
+    TANDEM_FAULT_DELAY = 1,
+    TANDEM_FAULT_FAIL = 2,
+    TANDEM_FAULT_HANG = 3,
+    TANDEM_FAULT_DROP = 4,
+    TANDEM_FAULT_CRASH = 5,
+};
+enum {
+    TANDEM_FAULT_SLOT_READ = 0,
+    TANDEM_FAULT_SLOT_WRITE = 1,
+    TANDEM_FAULT_SLOT_FLUSH = 2,
+    TANDEM_FAULT_SLOT_UNMAP = 3,
+    TANDEM_FAULT_SLOT_WRITE_ZEROES = 4,
+    TANDEM_FAULT_SLOT_CHECKSUM = 5,
+    TANDEM_FAULT_SLOT_ANY = 6,
+    TANDEM_FAULT_SLOTS = 7,
+};
+
+/* Counters of the replica side, written by the engine thread, read by Python at any time. */
+struct tandem_replica_stats {
+    uint64_t ops[32]; /* by op code, as replica/protocol.py Op */
+    uint64_t errors;
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    uint64_t requests; /* every framed request */
+    uint64_t upcalls;  /* requests handed to Python */
+    uint64_t pauses;
+};
+
+/* Start an engine (its thread and io_uring). NULL with *err = -errno on failure. */
+tandem_engine *tandem_engine_new(int *err);
+/* Stop: close every connection, wait for in-flight I/O, join the thread, free. */
+void tandem_engine_free(tandem_engine *e);
+/* Readable when events are queued (an eventfd: read it, then drain). */
+int tandem_engine_event_fd(tandem_engine *e);
+/* Move up to max queued events to out; returns how many. */
+int tandem_engine_events(tandem_engine *e, struct tandem_event *out, int max);
+void tandem_free(void *p);
+
+/* Commands: thread-safe, asynchronous, applied by the engine thread in the order given.
+ * Each returns 0, or -errno when it could not be queued. */
+
+/* Hold new I/O, let in-flight I/O finish, then report TANDEM_EV_PAUSED with id. */
+int tandem_engine_pause(tandem_engine *e, uint64_t id);
+int tandem_engine_resume(tandem_engine *e);
+/* Adopt a connected socket (blocking mode) as connection `conn` of the given kind. */
+int tandem_conn_add(tandem_engine *e, uint64_t conn, int fd, int kind);
+/* Close a connection at once (unsent replies are dropped). */
+int tandem_conn_close(tandem_engine *e, uint64_t conn);
+/* Python's answer to an up-call: bytes to send in order with the rest, the connection's new
+ * epoch, and (end != 0) the end of the up-call: the connection goes on with its next
+ * request. end == 0 sends an answer Python finished later, outside any up-call. */
+int tandem_conn_reply(tandem_engine *e, uint64_t conn, const void *data, size_t len,
+                      int epoch_action, uint64_t epoch, int end);
+
+/* The replica store the replica connections serve. `marked` (count bytes), `touch` (count
+ * uint32) are replica/intent.py's region bitmap and last-write clocks, clock0 its monotonic
+ * origin; Python keeps every buffer alive and unmoved until the engine is freed. */
+int tandem_replica_setup(tandem_engine *e, uint64_t size, uint64_t epoch, int intent_fd,
+                         uint8_t *marked, uint32_t *touch, uint32_t count, uint64_t region,
+                         double clock0);
+/* The layer files (bottom..head) and block maps (replica/store.py _head/_base); change them
+ * only while paused. */
+int tandem_replica_set_layers(tandem_engine *e, const int *fds, int n, uint8_t *head,
+                              uint8_t *base);
+/* The replica's current epoch (store.meta.epoch) after Python changed it. */
+int tandem_replica_set_epoch(tandem_engine *e, uint64_t epoch);
+/* Arm (or with TANDEM_FAULT_NONE, clear) the fault of a slot; remaining < 0: unlimited. */
+int tandem_replica_set_fault(tandem_engine *e, int slot, int action, double arg,
+                             int64_t remaining);
+/* A READ, WRITE, UNMAP or WRITE_ZEROES of the replica store on Python's behalf (e.g. a
+ * rebuild pulling data in), ordered, intent-logged and mapped like the requests of the
+ * connections, without the epoch check. Blocks the caller until done (never call it while
+ * the engine is paused: it would wait for the resume). buf: the data to write or room for
+ * the data read. 0 or -errno. */
+int tandem_replica_io(tandem_engine *e, int op, int flags, uint64_t offset, uint32_t length,
+                      void *buf);
+/* The replica counters (valid until the engine is freed). */
+struct tandem_replica_stats *tandem_replica_stats(tandem_engine *e);
+
+/* --- a tiny pipelined replica-protocol client for benchmarks (native/bench_replica.py) --- */
+
+struct tandem_bench_result {
+    uint64_t ops;
+    uint64_t errors;
+    uint64_t bytes;
+    double seconds;
+    double lat_us_sum;
+    double lat_us_max;
+};
+
+/* Connect to host:port, OPEN with epoch (when write), then keep qd requests of bs bytes
+ * at random bs-aligned offsets below span in flight for `seconds`. 0 or -errno. */
+int tandem_bench_run(const char *host, int port, int write, uint32_t bs, int qd,
+                     double seconds, uint64_t span, uint64_t epoch, uint64_t seed,
+                     struct tandem_bench_result *out);
+
+/* cffi:end */
 
 #endif

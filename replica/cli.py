@@ -39,7 +39,18 @@ def replica() -> None:
     envvar="TANDEM_DEBUG_API",
     help="Enable the fault-injection endpoints (/v1/debug/faults) for tests.",
 )
-def serve(directory: Path, size: str, listen: str, api: str, volume: str, debug_api: bool) -> None:
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "native", "python"]),
+    default="auto",
+    show_default=True,
+    envvar="TANDEM_ENGINE",
+    help="Data path: native (C on io_uring), python (the reference), or auto (native where "
+    "io_uring works and the extension is built).",
+)
+def serve(
+    directory: Path, size: str, listen: str, api: str, volume: str, debug_api: bool, engine: str
+) -> None:
     """Serve a replica directory over the replica data protocol."""
     from replica.daemon import serve_replica
 
@@ -47,6 +58,6 @@ def serve(directory: Path, size: str, listen: str, api: str, volume: str, debug_
     try:
         nbytes = parse_size(size)
         directory.mkdir(parents=True, exist_ok=True)
-        asyncio.run(serve_replica(directory, nbytes, listen, api, volume, debug_api))
+        asyncio.run(serve_replica(directory, nbytes, listen, api, volume, debug_api, engine))
     except (StoreError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

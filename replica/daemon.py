@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from replica import faults
 from replica.api import make_app
@@ -14,21 +15,60 @@ from replica.server import ReplicaServer
 from replica.store import ReplicaStore
 from replica.webserver import WebServer
 
+if TYPE_CHECKING:
+    from replica.native_server import NativeReplicaServer
+
 log = logging.getLogger("tandem.replica")
+
+ENGINES = ("auto", "native", "python")
+
+
+class EngineUnavailable(ValueError):
+    """--engine native on a host where the io_uring engine cannot run."""
+
+
+def choose_engine(requested: str) -> tuple[str, str]:
+    """(engine, why): auto picks native where io_uring works and the extension is built."""
+    if requested not in ENGINES:
+        raise ValueError(f"unknown engine {requested!r}; one of {', '.join(ENGINES)}")
+    if requested == "python":
+        return "python", "asked for (--engine python)"
+    import native
+
+    why = native.engine_unavailable()
+    if why is None:
+        return "native", "io_uring works here" if requested == "auto" else "asked for"
+    if requested == "native":
+        raise EngineUnavailable(f"--engine native: {why}")
+    return "python", why
 
 
 async def serve_replica(
-    directory: Path, size: int, listen: str, api: str, volume: str, debug_api: bool = False
+    directory: Path,
+    size: int,
+    listen: str,
+    api: str,
+    volume: str,
+    debug_api: bool = False,
+    engine: str = "auto",
 ) -> None:
     # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    kind, why = choose_engine(engine)
     store = ReplicaStore.open_or_create(directory, size, volume)
     if store.was_dirty:
         log.warning("replica at %s was not closed cleanly (dirty)", directory)
-    server = ReplicaServer(store)
+    log.info("replica engine: %s (%s)", kind, why)
+    server: ReplicaServer | NativeReplicaServer
+    if kind == "native":
+        from replica.native_server import NativeReplicaServer
+
+        server = NativeReplicaServer(store)
+    else:
+        server = ReplicaServer(store)
     host, port = parse_address(listen)
     ahost, aport = parse_address(api)
     faults.load_env_faults()

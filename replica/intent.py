@@ -124,6 +124,11 @@ class WriteIntent:
             r = self.marked.find(1, end) if end < self.count else -1
         return out
 
+    def engine_view(self) -> tuple[int, bytearray, array, float]:
+        """The file, region bitmap, last-write clocks and clock origin that the native engine
+        shares (it follows the same rules, see native/replica_server.c)."""
+        return self._fd, self.marked, self._touch, self._clock0
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)

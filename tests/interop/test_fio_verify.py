@@ -29,6 +29,7 @@ def fio(binary: str, *args: str) -> dict:  # type: ignore[type-arg]
             "--verify_fatal=1",
             "--do_verify=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
             *args,
         ],
         capture_output=True,
