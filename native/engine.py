@@ -1,0 +1,300 @@
+"""The engine's Python side: start and stop it, queue commands, drain its events on the
+asyncio loop and turn the ones answering a request into futures (native/ENGINE.md).
+
+The engine runs on its own thread; every method here only queues a command (thread-safe,
+non-blocking) except `close()`, which waits for the engine's in-flight I/O and joins it.
+Buffers handed to the engine (block maps, intent bitmaps) are kept alive here until the
+engine is gone or told to use others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from native import engine_unavailable, ffi, lib
+
+EV_PAUSED = 1
+EV_UPCALL = 2
+EV_CONN_CLOSED = 3
+EV_PROTO_ERROR = 4
+EV_FAULT_DROP = 5
+EV_FAULT_USED = 6
+EV_LOG = 7
+
+CONN_REPLICA_SERVER = 1
+
+EPOCH_KEEP = 0
+EPOCH_SET = 1
+EPOCH_CLEAR = 2
+
+# replica/faults.py actions and the engine's fault slots (slot 6 is "replica.*")
+FAULT_ACTIONS = {"delay": 1, "fail": 2, "hang": 3, "drop": 4, "crash": 5}
+FAULT_SLOTS = ("read", "write", "flush", "unmap", "write_zeroes", "checksum", "*")
+
+_BATCH = 256
+
+
+@dataclass(slots=True)
+class Upcall:
+    """A request the engine hands to Python."""
+
+    conn: int
+    op: int
+    tag: int
+    flags: int
+    offset: int
+    length: int
+    payload: bytes
+
+
+class EngineHandler:
+    """What the engine's owner hears about; override what matters."""
+
+    def on_upcall(self, up: Upcall) -> None:
+        raise NotImplementedError
+
+    def on_conn_closed(self, conn: int) -> None:
+        pass
+
+    def on_proto_error(self, conn: int, message: str) -> None:
+        pass
+
+    def on_fault_drop(self, conn: int, op: str) -> None:
+        pass
+
+    def on_fault_used(self, slot: int) -> None:
+        pass
+
+    def on_log(self, level: int, message: str) -> None:
+        pass
+
+
+class Engine:
+    def __init__(self, handler: EngineHandler) -> None:
+        why = engine_unavailable()
+        if why is not None:
+            raise OSError(errno.ENOSYS, why)
+        err = ffi.new("int *")
+        eng = lib.tandem_engine_new(err)
+        if eng == ffi.NULL:
+            code = -err[0] or errno.EIO
+            raise OSError(code, f"cannot start the engine: {os.strerror(code)}")
+        self._eng: Any = eng
+        self.handler = handler
+        self._events = ffi.new("struct tandem_event[]", _BATCH)
+        self._ids = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._efd = lib.tandem_engine_event_fd(eng)
+        self._shared: list[Any] = []  # ffi.from_buffer views the engine points into
+        self._stats_ptr = lib.tandem_replica_stats(eng)
+        self._final_stats: dict[str, Any] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drain events on this loop from now on."""
+        self._loop = loop
+        loop.add_reader(self._efd, self.drain)
+
+    @property
+    def running(self) -> bool:
+        return self._eng is not None
+
+    def close(self) -> None:
+        """Close every connection, let in-flight I/O finish, stop the thread. Idempotent."""
+        if self._eng is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(self._efd)
+        self.drain()
+        self._final_stats = self.replica_stats()
+        eng, self._eng = self._eng, None
+        lib.tandem_engine_free(eng)  # joins the engine thread (cffi releases the GIL)
+        self.release_shared()
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(OSError(errno.ESHUTDOWN, "the engine stopped"))
+        self._futures.clear()
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            raise OSError(-rc, f"engine {what}: {os.strerror(-rc)}")
+
+    @property
+    def _live(self) -> Any:
+        if self._eng is None:
+            raise OSError(errno.ESHUTDOWN, "the engine stopped")
+        return self._eng
+
+    # --- events -------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Handle every queued event (the event fd became readable)."""
+        if self._eng is None:
+            return
+        try:
+            os.read(self._efd, 8)
+        except BlockingIOError:
+            pass
+        while self._eng is not None:
+            n = lib.tandem_engine_events(self._eng, self._events, _BATCH)
+            for i in range(n):
+                self._dispatch(self._events[i])
+            if n < _BATCH:
+                break
+
+    def _dispatch(self, ev: Any) -> None:
+        data = b""
+        if ev.data != ffi.NULL:
+            data = bytes(ffi.buffer(ev.data, ev.data_len))
+            lib.tandem_free(ev.data)
+        kind = ev.type
+        h = self.handler
+        if kind == EV_UPCALL:
+            h.on_upcall(Upcall(ev.conn, ev.op, ev.tag, ev.flags, ev.offset, ev.length, data))
+        elif kind == EV_PAUSED:
+            fut = self._futures.pop(ev.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif kind == EV_CONN_CLOSED:
+            h.on_conn_closed(ev.conn)
+        elif kind == EV_PROTO_ERROR:
+            h.on_proto_error(ev.conn, data.decode("utf-8", "replace"))
+        elif kind == EV_FAULT_DROP:
+            h.on_fault_drop(ev.conn, data.decode())
+        elif kind == EV_FAULT_USED:
+            h.on_fault_used(ev.id)
+        elif kind == EV_LOG:
+            h.on_log(ev.status, data.decode("utf-8", "replace"))
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Hold new I/O and wait until in-flight I/O is done (resume() ends it)."""
+        assert self._loop is not None, "attach() first"
+        rid = next(self._ids)
+        fut = self._loop.create_future()
+        self._futures[rid] = fut
+        self._check(lib.tandem_engine_pause(self._live, rid), "pause")
+        await fut
+
+    def resume(self) -> None:
+        self._check(lib.tandem_engine_resume(self._live), "resume")
+
+    def add_conn(self, conn: int, fd: int, kind: int) -> None:
+        """Hand over a connected socket (blocking mode); the engine closes it."""
+        if self._eng is None:
+            os.close(fd)
+            raise OSError(errno.ESHUTDOWN, "the engine stopped")
+        rc = lib.tandem_conn_add(self._eng, conn, fd, kind)
+        if rc < 0:
+            os.close(fd)
+            self._check(rc, "add connection")
+
+    def close_conn(self, conn: int) -> None:
+        if self._eng is not None:
+            lib.tandem_conn_close(self._eng, conn)
+
+    def reply(
+        self,
+        conn: int,
+        data: bytes,
+        epoch_action: int = EPOCH_KEEP,
+        epoch: int = 0,
+        end: bool = True,
+    ) -> None:
+        """Answer an up-call: `data` is sent in order with the rest, then (end) the
+        connection goes on with its next request. end=False sends an answer Python finished
+        later, outside the up-call (the connection already went on)."""
+        if self._eng is None:
+            return
+        self._check(
+            lib.tandem_conn_reply(self._eng, conn, data, len(data), epoch_action, epoch, int(end)),
+            "reply",
+        )
+
+    # --- the replica side ---------------------------------------------------------------------
+
+    def release_shared(self) -> None:
+        """Let go of the buffers shared with the engine (block maps, intent bitmaps), so
+        Python may resize or replace them: only while paused, and hand the engine the new
+        ones (replica_setup, set_layers) before resuming."""
+        for view in self._shared:
+            ffi.release(view)
+        self._shared.clear()
+
+    def replica_setup(
+        self,
+        size: int,
+        epoch: int,
+        intent_fd: int,
+        marked: bytearray,
+        touch: Any,
+        region: int,
+        clock0: float,
+    ) -> None:
+        m = ffi.from_buffer("uint8_t[]", marked)
+        t = ffi.from_buffer("uint32_t[]", touch)
+        self._shared += [m, t]
+        self._check(
+            lib.tandem_replica_setup(
+                self._live, size, epoch, intent_fd, m, t, len(marked), region, clock0
+            ),
+            "replica setup",
+        )
+
+    def set_layers(self, fds: Sequence[int], head: bytearray, base: bytearray) -> None:
+        """The layer files (bottom..head) and block maps; only while paused (or before any
+        connection)."""
+        h = ffi.from_buffer("uint8_t[]", head)
+        b = ffi.from_buffer("uint8_t[]", base)
+        self._shared += [h, b]
+        self._check(
+            lib.tandem_replica_set_layers(self._live, list(fds), len(fds), h, b), "set layers"
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self._check(lib.tandem_replica_set_epoch(self._live, epoch), "set epoch")
+
+    def set_fault(self, slot: int, action: int, arg: float, remaining: int | None) -> None:
+        rem = -1 if remaining is None else remaining
+        self._check(lib.tandem_replica_set_fault(self._live, slot, action, arg, rem), "fault")
+
+    def io(
+        self, op: int, offset: int, length: int, data: bytes | None = None, flags: int = 0
+    ) -> bytes:
+        """A READ/WRITE/UNMAP/WRITE_ZEROES of the replica store on Python's behalf, through
+        the engine (ordered with the connections' requests, intent-logged, mapped). Blocks
+        until done; never while the engine is paused. OSError(errno) on failure."""
+        if data is not None:
+            buf = ffi.from_buffer(data)
+            out = b""
+        else:
+            out = bytearray(length if op == 1 else 0)
+            buf = ffi.from_buffer(out) if out else ffi.NULL
+        rc = lib.tandem_replica_io(self._live, op, flags, offset, length, buf)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return bytes(out)
+
+    def replica_stats(self) -> dict[str, Any]:
+        """The engine's replica counters (a snapshot; the last one once closed)."""
+        if self._eng is None:
+            return dict(self._final_stats or {})
+        s = self._stats_ptr
+        return {
+            "ops": list(s.ops),
+            "errors": s.errors,
+            "bytes_read": s.bytes_read,
+            "bytes_written": s.bytes_written,
+            "requests": s.requests,
+            "upcalls": s.upcalls,
+            "pauses": s.pauses,
+        }
