@@ -3,8 +3,9 @@
 Blocks are allocated by writes (any byte touched) and by write_zeroes(may_unmap=False);
 unmap and write_zeroes(may_unmap=True) free the blocks they cover whole. Unallocated
 blocks read as zeros and report STATE_HOLE | STATE_ZERO. Tests can make operations slow
-(`delay`), fail (`fail`), and read the log of completed operations (`log`) and the peak
-number of concurrent operations (`peak_concurrency`).
+(`delay`), wait for an event (`gate`), fail (`fail`), and read the log of completed
+operations (`log`: "write_fua" for FUA writes, "write_zeroes_nohole" for NO_HOLE zeroing)
+and the peak number of concurrent operations (`peak_concurrency`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MemDevice:
         self.data = bytearray(size)
         self.allocated: set[int] = set()  # indices of 4 KiB blocks holding data
         self.delay: dict[str, float] = {}  # op name -> seconds to sleep before doing it
+        self.gate: dict[str, asyncio.Event] = {}  # op name -> event it waits for first
         self.fail: dict[str, BlockError] = {}  # op name -> error to raise
         self.log: list[tuple[str, int, int]] = []  # (op, offset, length) in completion order
         self.active = 0
@@ -39,12 +41,21 @@ class MemDevice:
     def size(self) -> int:
         return self._size
 
+    def resize(self, size: int) -> None:
+        self.data.extend(bytes(max(0, size - self._size)))
+        del self.data[size:]
+        self._size = size
+
     async def _enter(self, op: str, offset: int, length: int, writing: bool) -> None:
         self.active += 1
         self.peak_concurrency = max(self.peak_concurrency, self.active)
         try:
+            if op in self.gate:
+                await self.gate[op].wait()
             if op in self.delay:
                 await asyncio.sleep(self.delay[op])
+            else:
+                await asyncio.sleep(0)  # let other tasks in, as a real device would
             if op in self.fail:
                 raise self.fail[op]
             if writing and self.readonly:

@@ -1,9 +1,9 @@
 """In-memory BlockDevice for the SCSI unit tests, and a small harness sending CDBs to a
 ScsiTarget built over it.
 
-The device tracks allocation per 4 KiB block (so GET LBA STATUS and WRITE SAME/UNMAP see
-holes), can be switched read-only, and can fail any operation with a chosen BlockError or
-make it wait (for concurrency tests).
+The device is tests/unit/memdev.py's: it tracks allocation per 4 KiB block (so GET LBA
+STATUS and WRITE SAME/UNMAP see holes), can be switched read-only, and can fail any
+operation with a chosen BlockError or make it wait (for concurrency tests).
 """
 
 from __future__ import annotations
@@ -14,104 +14,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from target.blockdev import (
-    STATE_HOLE,
-    STATE_ZERO,
-    BlockError,
-    Extent,
-    ReadOnlyError,
-    check_range,
-)
 from target.frontends.iscsi.scsi.state import InMemoryStateStore
 from target.frontends.iscsi.scsi.target import ScsiTarget
 from target.frontends.iscsi.scsi.types import CHECK_CONDITION, GOOD, Nexus, ScsiResult
+from tests.unit.memdev import MemDevice
 
 PHYS = 4096
 BS = 512
-
-
-class MemDevice:
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self.readonly = False
-        self.data = bytearray(size)
-        self.allocated: set[int] = set()
-        self.fail: dict[str, BlockError] = {}
-        self.gate: dict[str, asyncio.Event] = {}  # op -> event the op waits for
-        self.log: list[tuple[str, int, int, bool]] = []  # (op, offset, length, fua)
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def resize(self, size: int) -> None:
-        self.data.extend(bytes(max(0, size - self._size)))
-        del self.data[size:]
-        self._size = size
-
-    async def _enter(self, op: str, offset: int, length: int, writing: bool) -> None:
-        if op in self.gate:
-            await self.gate[op].wait()
-        else:
-            await asyncio.sleep(0)
-        if op in self.fail:
-            raise self.fail[op]
-        if writing and self.readonly:
-            raise ReadOnlyError("read-only")
-        check_range(self._size, offset, length)
-
-    def _blocks(self, offset: int, length: int, whole: bool) -> range:
-        if whole:
-            return range(-(-offset // PHYS), (offset + length) // PHYS)
-        if length == 0:
-            return range(0)
-        return range(offset // PHYS, (offset + length - 1) // PHYS + 1)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        await self._enter("read", offset, length, writing=False)
-        self.log.append(("read", offset, length, False))
-        return bytes(self.data[offset : offset + length])
-
-    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        await self._enter("write", offset, len(data), writing=True)
-        self.data[offset : offset + len(data)] = data
-        self.allocated.update(self._blocks(offset, len(data), whole=False))
-        self.log.append(("write", offset, len(data), fua))
-
-    async def flush(self) -> None:
-        await self._enter("flush", 0, 0, writing=False)
-        self.log.append(("flush", 0, 0, False))
-
-    async def unmap(self, offset: int, length: int) -> None:
-        await self._enter("unmap", offset, length, writing=True)
-        self.data[offset : offset + length] = bytes(length)
-        self.allocated.difference_update(self._blocks(offset, length, whole=True))
-        self.log.append(("unmap", offset, length, False))
-
-    async def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
-        await self._enter("write_zeroes", offset, length, writing=True)
-        self.data[offset : offset + length] = bytes(length)
-        if may_unmap:
-            self.allocated.difference_update(self._blocks(offset, length, whole=True))
-        else:
-            self.allocated.update(self._blocks(offset, length, whole=False))
-        self.log.append(("write_zeroes", offset, length, False))
-
-    async def block_status(self, offset: int, length: int) -> list[Extent]:
-        await self._enter("block_status", offset, length, writing=False)
-        extents: list[Extent] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            block = pos // PHYS
-            stop = min((block + 1) * PHYS, end)
-            flags = 0 if block in self.allocated else STATE_HOLE | STATE_ZERO
-            if extents and extents[-1].flags == flags:
-                last = extents[-1]
-                extents[-1] = Extent(last.offset, stop - last.offset, flags)
-            else:
-                extents.append(Extent(pos, stop - pos, flags))
-            pos = stop
-        return extents
 
 
 def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:

@@ -323,7 +323,7 @@ async def test_mode_select_write_cache_enable() -> None:
     assert (await h.run(bytes(6))).status == GOOD
     # WCE=0: plain writes go to stable storage.
     await h.ok(cdb10(0x2A, 0, 1), bytes(BS))
-    assert h.dev.log[-1] == ("write", 0, BS, True)
+    assert h.dev.log[-1] == ("write_fua", 0, BS)
     # Not saved: a new target for the same volume starts with the default again.
     other = ScsiTarget({0: h.dev}, volume="vol", state=h.store)
     await other.start()
