@@ -10,6 +10,7 @@ from maya.commands.node import node
 from maya.commands.qos import qos
 from maya.commands.snapshot import snapshot
 from maya.commands.volume import volume
+from maya.provisioner.cli import provisioner
 from maya.up import up
 from replica.cli import replica
 from target.cli import target
@@ -21,7 +22,7 @@ def main() -> None:
     """Tandem: replicated block storage for containers and VMs (iSCSI and NBD)."""
 
 
-for command in (up, volume, snapshot, node, qos, apiserver, agent, replica, target):
+for command in (up, volume, snapshot, node, qos, apiserver, agent, provisioner, replica, target):
     main.add_command(command)
 
 if __name__ == "__main__":
