@@ -1748,17 +1748,21 @@ int replica_setup(struct engine *e, uint64_t size, uint64_t epoch, int intent_fd
     s->nblocks = size / BLOCK;
     s->epoch = epoch;
     if (intent_fd >= 0 && count) {
-        free(s->markseq);
-        free(s->ibuf);
-        s->markseq = calloc(count, sizeof(uint64_t));
-        s->ibuf = malloc(24 + (size_t)count);
-        if (!s->markseq || !s->ibuf) {
+        if (count != s->icount || !s->markseq) {
+            /* a new geometry (resize): only ever while paused, so no intent I/O in flight */
             free(s->markseq);
             free(s->ibuf);
-            s->markseq = NULL;
-            s->ibuf = NULL;
-            s->ifd = -1;
-            return -ENOMEM;
+            s->markseq = calloc(count, sizeof(uint64_t));
+            s->ibuf = malloc(24 + (size_t)count);
+            if (!s->markseq || !s->ibuf) {
+                free(s->markseq);
+                free(s->ibuf);
+                s->markseq = NULL;
+                s->ibuf = NULL;
+                s->ifd = -1;
+                s->icount = 0;
+                return -ENOMEM;
+            }
         }
         s->ifd = intent_fd;
         s->marked = marked;
