@@ -218,10 +218,30 @@ class Cluster:
         wait_port(self.iscsi_port, self.target.proc, timeout=30)
 
     def start(self) -> Cluster:
+        """First start. Free ports are picked before the processes bind them, so another
+        process can take one in between: then pick new ones and try again."""
         for i in range(len(self.replicas)):
-            self.start_replica(i)
-        self.start_target()
+            self._first_start(lambda i=i: self.start_replica(i), self.replicas, i)
+        self._first_start(self.start_target, None, 0)
         return self
+
+    def _first_start(self, start: Any, procs: list[Proc] | None, i: int) -> None:
+        for attempt in range(3):
+            try:
+                start()
+                return
+            except RuntimeError:
+                proc = procs[i] if procs is not None else self.target
+                if attempt == 2 or proc is None or "already in use" not in proc.output():
+                    raise
+            if procs is not None:
+                self.replica_ports[i] = (free_port(), free_port())
+            else:
+                self.nbd_port, self.api_port, self.iscsi_port = (
+                    free_port(),
+                    free_port(),
+                    free_port(),
+                )
 
     def status(self) -> dict[str, Any]:
         return http_json(f"{self.api}/v1/volume")

@@ -386,6 +386,8 @@ class Provisioner:
         fresh = self.kube.get(f"{PVS}/{key}")  # a destructive step: decide on fresh state
         if fresh is None or not self._ours(fresh) or not _released_for_delete(fresh):
             return
+        if fresh["metadata"].get("deletionTimestamp"):
+            return  # deleted already; pv-protection's finalizer is what keeps it visible
         uid = fresh["metadata"]["uid"]
         started = self._started.setdefault(("delete", uid), time.monotonic())
         volume = (fresh["metadata"].get("labels") or {}).get(VOLUME_LABEL) or key
@@ -398,7 +400,7 @@ class Provisioner:
                     raise
             else:
                 raise Requeue(_patience(started), f"volume {volume} is being deleted")
-            self.kube.delete(f"{PVS}/{key}")
+            deleted = self.kube.delete(f"{PVS}/{key}")
         except Requeue:
             raise
         except (ApiError, KubeError) as e:
@@ -409,6 +411,8 @@ class Provisioner:
             self.recorder.event(fresh, "PersistentVolume", WARNING, "VolumeFailedDelete", text)
             raise
         self._started.pop(("delete", uid), None)
+        if not deleted:
+            return  # someone else removed it meanwhile: nothing of ours to report
         self.metrics.success("delete", time.monotonic() - started)
         self.recorder.event(
             fresh,
