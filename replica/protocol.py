@@ -190,7 +190,8 @@ class _Framer:
         end = self.header.size + plen
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[self.header.size : end])
+        with memoryview(self._buf) as view:  # one copy, not two (slice, then bytes)
+            payload = bytes(view[self.header.size : end])
         del self._buf[:end]
         return fields, payload
 

@@ -27,7 +27,7 @@ from replica.store import ReplicaStore
 log = logging.getLogger("tandem.replica.rebuild")
 
 T = TypeVar("T")
-PIECE = 1 << 20
+PIECE = 4 << 20
 IN_FLIGHT = 64
 SMALL = 64 << 10  # pieces up to this size skip the block-status round trip
 
