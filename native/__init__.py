@@ -60,3 +60,24 @@ def engine_unavailable() -> str | None:
     if err:
         return f"io_uring is unavailable here ({os.strerror(-err)})"
     return None
+
+
+ENGINES = ("auto", "native", "python")
+
+
+class EngineUnavailable(ValueError):
+    """--engine native on a host where the io_uring engine cannot run."""
+
+
+def choose_engine(requested: str) -> tuple[str, str]:
+    """(engine, why): auto picks native where io_uring works and the extension is built."""
+    if requested not in ENGINES:
+        raise ValueError(f"unknown engine {requested!r}; one of {', '.join(ENGINES)}")
+    if requested == "python":
+        return "python", "asked for (--engine python)"
+    why = engine_unavailable()
+    if why is None:
+        return "native", "io_uring works here" if requested == "auto" else "asked for"
+    if requested == "native":
+        raise EngineUnavailable(f"--engine native: {why}")
+    return "python", why

@@ -11,7 +11,15 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["crc32c.c", "uring_probe.c", "engine.c", "replica_server.c", "bench_client.c"]
+SOURCES = [
+    "crc32c.c",
+    "uring_probe.c",
+    "engine.c",
+    "replica_server.c",
+    "target.c",
+    "nbd_server.c",
+    "bench_client.c",
+]
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]
 
 

@@ -3,6 +3,7 @@
  * (Python -> engine, woken through an eventfd the loop reads) and an event queue out
  * (engine -> Python, an eventfd Python's asyncio loop watches). See native/ENGINE.md. */
 #include "engine.h"
+#include "target.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +33,16 @@ enum {
     CMD_R_EPOCH,
     CMD_R_FAULT,
     CMD_R_IO,
+    CMD_T_SETUP,
+    CMD_T_ATTACH,
+    CMD_T_MODE,
+    CMD_T_MAP,
+    CMD_T_STABLE,
+    CMD_T_LOCK,
+    CMD_T_UNLOCK,
+    CMD_T_QOS,
+    CMD_T_SUBMIT,
+    CMD_NBD_STOP,
 };
 
 struct cmd {
@@ -63,6 +74,12 @@ struct cmd {
     uint64_t offset;
     uint32_t length;
     struct sync_io *sync;
+    /* the target side */
+    int mode, current, track, frontend, quorum;
+    double t1, t2, limits[6];
+    uint64_t mcount;
+    uint8_t *map;
+    const void *ptr;
 };
 
 /* --- clocks and timers --------------------------------------------------------------------- */
@@ -234,6 +251,16 @@ struct conn *conn_new(struct engine *e, uint64_t id, int fd, const struct conn_o
     list_init(&c->flink);
     list_add_tail(&e->conns, &c->link);
     return c;
+}
+
+struct conn *conn_find_any(struct engine *e, uint64_t id)
+{
+    for (struct list *p = e->conns.next; p != &e->conns; p = p->next) {
+        struct conn *c = container_of(p, struct conn, link);
+        if (c->id == id)
+            return c;
+    }
+    return NULL;
 }
 
 struct conn *conn_find(struct engine *e, uint64_t id)
@@ -590,11 +617,14 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
     case CMD_STOP:
         e->stopping = 1;
         replica_stop(e);
+        target_stop(e);
         for (struct list *p = e->conns.next; p != &e->conns;) {
             struct conn *c = container_of(p, struct conn, link);
-            p = p->next;
             c->refs++;
+            if (c->kind == TANDEM_CONN_NBD && c->state != CONN_DEAD)
+                nbd_stop(e, c);
             conn_abort(c);
+            p = p->next;
             conn_put(c);
         }
         break;
@@ -606,8 +636,14 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         break;
     case CMD_CONN_ADD: {
         struct conn *c = NULL;
-        if (!e->stopping && cmd->kind == TANDEM_CONN_REPLICA_SERVER && e->rs)
+        if (!e->stopping && cmd->kind == TANDEM_CONN_REPLICA_SERVER && e->rs) {
             c = replica_conn_new(e, cmd->id, cmd->fd);
+            if (c)
+                c->kind = TANDEM_CONN_REPLICA_SERVER;
+        } else if (!e->stopping && cmd->kind == TANDEM_CONN_NBD && e->vol) {
+            c = nbd_conn_new(e, cmd->id, cmd->fd, cmd->flags, cmd->size, cmd->frontend,
+                             cmd->data, cmd->len);
+        }
         if (!c) {
             close(cmd->fd);
             struct tandem_event ev = {.type = TANDEM_EV_CONN_CLOSED, .conn = cmd->id};
@@ -625,8 +661,14 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         break;
     }
     case CMD_CONN_REPLY: {
-        struct conn *c = conn_find(e, cmd->id);
-        if (c) {
+        struct conn *c = conn_find_any(e, cmd->id);
+        if (c && c->kind == TANDEM_CONN_NBD) {
+            /* even to a dead connection: the up-call holds it until answered */
+            c->refs++;
+            nbd_reply(e, c, cmd->data, cmd->len, cmd->kind);
+            cmd->data = NULL;
+            conn_put(c);
+        } else if (c && c->state != CONN_DEAD && c->kind == TANDEM_CONN_REPLICA_SERVER) {
             c->refs++;
             replica_reply(e, c, cmd->data, cmd->len, cmd->epoch_action, cmd->epoch, cmd->kind);
             cmd->data = NULL; /* the handler owns it now */
@@ -634,6 +676,40 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         }
         break;
     }
+    case CMD_NBD_STOP: {
+        struct conn *c = conn_find(e, cmd->id);
+        if (c && c->kind == TANDEM_CONN_NBD)
+            nbd_stop(e, c);
+        break;
+    }
+    case CMD_T_SETUP:
+        target_setup(e, cmd->size, cmd->n, cmd->quorum, cmd->t1, cmd->t2, cmd->data);
+        break;
+    case CMD_T_ATTACH:
+        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->data, cmd->id);
+        break;
+    case CMD_T_MODE:
+        target_mode(e, cmd->slot, cmd->mode, cmd->current, cmd->data, cmd->id);
+        break;
+    case CMD_T_MAP:
+        target_map(e, cmd->slot, cmd->map, cmd->mcount, cmd->region, cmd->track, cmd->id);
+        break;
+    case CMD_T_STABLE:
+        target_stable(e, cmd->epoch);
+        break;
+    case CMD_T_LOCK:
+        target_lock(e, cmd->id, cmd->data, cmd->n);
+        break;
+    case CMD_T_UNLOCK:
+        target_unlock(e, cmd->id);
+        break;
+    case CMD_T_QOS:
+        target_qos(e, cmd->limits, cmd->t1);
+        break;
+    case CMD_T_SUBMIT:
+        target_submit(e, cmd->id, cmd->frontend, cmd->op, cmd->flags, cmd->offset, cmd->length,
+                      cmd->ptr);
+        break;
     case CMD_R_SETUP:
         replica_setup(e, cmd->size, cmd->epoch, cmd->intent_fd, cmd->marked, cmd->touch,
                       cmd->count, cmd->region, cmd->clock0);
@@ -841,7 +917,7 @@ void tandem_engine_free(tandem_engine *e)
     while (e->cmd_head) {
         struct cmd *c = e->cmd_head;
         e->cmd_head = c->next;
-        if (c->type == CMD_CONN_ADD)
+        if (c->type == CMD_CONN_ADD || c->type == CMD_T_ATTACH)
             close(c->fd);
         free(c->data);
         free(c);
@@ -850,6 +926,7 @@ void tandem_engine_free(tandem_engine *e)
         free(e->evq[i].data);
     free(e->evq);
     replica_free(e);
+    target_free(e);
     close(e->cmd_efd);
     close(e->evt_efd);
     pthread_mutex_destroy(&e->lock);
@@ -1012,3 +1089,191 @@ int tandem_replica_io(tandem_engine *e, int op, int flags, uint64_t offset, uint
 }
 
 struct tandem_replica_stats *tandem_replica_stats(tandem_engine *e) { return &e->rstats; }
+
+/* --- the target side ----------------------------------------------------------------------- */
+
+static char *dupstr(const char *s)
+{
+    return strdup(s ? s : "");
+}
+
+int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quorum,
+                     double timeout, double timeout_last, const char *name)
+{
+    struct cmd *c = new_cmd(CMD_T_SETUP);
+    if (!c)
+        return -ENOMEM;
+    c->size = size;
+    c->n = replica_count;
+    c->quorum = quorum;
+    c->t1 = timeout;
+    c->t2 = timeout_last;
+    c->data = dupstr(name);
+    if (!c->data) {
+        free(c);
+        return -ENOMEM;
+    }
+    return push_cmd(e, c);
+}
+
+int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current,
+                         const char *address, uint64_t id)
+{
+    if (slot < 0 || slot >= TANDEM_MAX_MEMBERS)
+        return -EINVAL;
+    struct cmd *c = new_cmd(CMD_T_ATTACH);
+    if (!c)
+        return -ENOMEM;
+    c->slot = slot;
+    c->fd = fd;
+    c->mode = mode;
+    c->current = current;
+    c->id = id;
+    c->data = dupstr(address);
+    if (!c->data) {
+        free(c);
+        return -ENOMEM;
+    }
+    return push_cmd(e, c);
+}
+
+int tandem_member_mode(tandem_engine *e, int slot, int mode, int current, const char *why,
+                       uint64_t id)
+{
+    if (slot < 0 || slot >= TANDEM_MAX_MEMBERS)
+        return -EINVAL;
+    struct cmd *c = new_cmd(CMD_T_MODE);
+    if (!c)
+        return -ENOMEM;
+    c->slot = slot;
+    c->mode = mode;
+    c->current = current;
+    c->id = id;
+    c->data = dupstr(why);
+    if (!c->data) {
+        free(c);
+        return -ENOMEM;
+    }
+    return push_cmd(e, c);
+}
+
+int tandem_member_map(tandem_engine *e, int slot, uint8_t *map, uint64_t count, uint64_t region,
+                      int track, uint64_t id)
+{
+    if (slot < 0 || slot >= TANDEM_MAX_MEMBERS)
+        return -EINVAL;
+    struct cmd *c = new_cmd(CMD_T_MAP);
+    if (!c)
+        return -ENOMEM;
+    c->slot = slot;
+    c->map = map;
+    c->mcount = count;
+    c->region = region;
+    c->track = track;
+    c->id = id;
+    return push_cmd(e, c);
+}
+
+int tandem_member_tracking(tandem_engine *e, int slot)
+{
+    /* a flag the engine thread writes: read without a command */
+    return target_tracking(e, slot);
+}
+
+int tandem_vol_stable(tandem_engine *e, uint64_t seq)
+{
+    struct cmd *c = new_cmd(CMD_T_STABLE);
+    if (!c)
+        return -ENOMEM;
+    c->epoch = seq;
+    return push_cmd(e, c);
+}
+
+int tandem_vol_lock(tandem_engine *e, uint64_t id, const uint64_t *ranges, int n)
+{
+    if (n < 0)
+        return -EINVAL;
+    struct cmd *c = new_cmd(CMD_T_LOCK);
+    if (!c)
+        return -ENOMEM;
+    c->id = id;
+    c->n = n;
+    c->data = malloc(sizeof(uint64_t) * 2 * (size_t)(n ? n : 1));
+    if (!c->data) {
+        free(c);
+        return -ENOMEM;
+    }
+    memcpy(c->data, ranges, sizeof(uint64_t) * 2 * (size_t)n);
+    return push_cmd(e, c);
+}
+
+int tandem_vol_unlock(tandem_engine *e, uint64_t id)
+{
+    struct cmd *c = new_cmd(CMD_T_UNLOCK);
+    if (!c)
+        return -ENOMEM;
+    c->id = id;
+    return push_cmd(e, c);
+}
+
+int tandem_vol_qos(tandem_engine *e, const double *limits, double burst_seconds)
+{
+    struct cmd *c = new_cmd(CMD_T_QOS);
+    if (!c)
+        return -ENOMEM;
+    for (int i = 0; i < 6; i++)
+        c->limits[i] = limits[i] > 0 ? limits[i] : 0;
+    c->t1 = burst_seconds;
+    return push_cmd(e, c);
+}
+
+int tandem_vol_submit(tandem_engine *e, uint64_t id, int frontend, int op, int flags,
+                      uint64_t offset, uint32_t length, const void *data)
+{
+    struct cmd *c = new_cmd(CMD_T_SUBMIT);
+    if (!c)
+        return -ENOMEM;
+    c->id = id;
+    c->frontend = frontend;
+    c->op = op;
+    c->flags = flags;
+    c->offset = offset;
+    c->length = length;
+    c->ptr = data;
+    return push_cmd(e, c);
+}
+
+int tandem_nbd_add(tandem_engine *e, uint64_t conn, int fd, int flags, uint64_t size,
+                   int frontend, const void *pre, size_t prelen)
+{
+    struct cmd *c = new_cmd(CMD_CONN_ADD);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->fd = fd;
+    c->kind = TANDEM_CONN_NBD;
+    c->flags = flags;
+    c->size = size;
+    c->frontend = frontend;
+    if (prelen) {
+        c->data = malloc(prelen);
+        if (!c->data) {
+            free(c);
+            return -ENOMEM;
+        }
+        memcpy(c->data, pre, prelen);
+        c->len = prelen;
+    }
+    return push_cmd(e, c);
+}
+
+int tandem_nbd_stop(tandem_engine *e, uint64_t conn)
+{
+    struct cmd *c = new_cmd(CMD_NBD_STOP);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    return push_cmd(e, c);
+}
+
+struct tandem_target_stats *tandem_target_stats(tandem_engine *e) { return &e->tstats; }

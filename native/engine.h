@@ -109,6 +109,7 @@ struct conn {
     struct engine *e;
     uint64_t id;
     int fd;
+    int kind; /* TANDEM_CONN_* */
     int state;
     const struct conn_ops *ops;
     void *proto;
@@ -153,6 +154,8 @@ void conn_abort(struct conn *c);
 void conn_get(struct conn *c);
 void conn_put(struct conn *c);
 struct conn *conn_find(struct engine *e, uint64_t id);
+/* Also a dead connection (not destroyed yet). */
+struct conn *conn_find_any(struct engine *e, uint64_t id);
 
 /* --- events to Python --------------------------------------------------------------------- */
 
@@ -166,6 +169,7 @@ void eng_log(struct engine *e, int level, const char *fmt, ...)
 
 struct cmd;
 struct rstore;
+struct vol;
 
 struct engine {
     struct io_uring ring;
@@ -198,6 +202,9 @@ struct engine {
 
     struct rstore *rs; /* the replica side's store (replica_server.c) */
     struct tandem_replica_stats rstats;
+
+    struct vol *vol; /* the target side's volume (target.c) */
+    struct tandem_target_stats tstats;
 };
 
 /* replica_server.c */

@@ -26,8 +26,21 @@ EV_PROTO_ERROR = 4
 EV_FAULT_DROP = 5
 EV_FAULT_USED = 6
 EV_LOG = 7
+EV_DONE = 8
+EV_IO_DONE = 9
+EV_MEMBER_DOWN = 10
 
 CONN_REPLICA_SERVER = 1
+CONN_NBD = 2
+
+# the target side: member modes, volume request ops and flags, NBD connection flags
+MODE_ERR, MODE_WO, MODE_RW = 0, 1, 2
+VIO_READ, VIO_WRITE, VIO_FLUSH, VIO_UNMAP, VIO_WRITE_ZEROES = 1, 2, 3, 4, 5
+VIO_FUA, VIO_NO_HOLE = 1, 2
+NBD_STRUCTURED, NBD_META_CONTEXT, NBD_READONLY = 1, 2, 4
+FRONTENDS = ("nbd", "iscsi", "internal")  # stats slots
+STAT_OPS = ("read", "write", "flush", "unmap", "write_zeroes")
+MAX_MEMBERS = 32
 
 EPOCH_KEEP = 0
 EPOCH_SET = 1
@@ -74,6 +87,18 @@ class EngineHandler:
     def on_log(self, level: int, message: str) -> None:
         pass
 
+    def on_member_down(self, slot: int, seq: int, was: int, gen: int, why: str) -> None:
+        """The engine dropped a member (or did as told): seq > 0 when a generation bump
+        must cover it before writes are acknowledged again (tandem_vol_stable)."""
+
+
+@dataclass(slots=True)
+class IoResult:
+    """What a volume request submitted by Python came to."""
+
+    status: int  # 0 or an errno
+    data: bytes  # the bytes read, or the error message
+
 
 class Engine:
     def __init__(self, handler: EngineHandler) -> None:
@@ -89,12 +114,16 @@ class Engine:
         self.handler = handler
         self._events = ffi.new("struct tandem_event[]", _BATCH)
         self._ids = itertools.count(1)
-        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._futures: dict[int, asyncio.Future[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._efd = lib.tandem_engine_event_fd(eng)
         self._shared: list[Any] = []  # ffi.from_buffer views the engine points into
         self._stats_ptr = lib.tandem_replica_stats(eng)
         self._final_stats: dict[str, Any] | None = None
+        self._tstats_ptr = lib.tandem_target_stats(eng)
+        self._final_tstats: dict[str, Any] | None = None
+        self._maps: dict[int, Any] = {}  # member slot -> the map view the engine uses
+        self._keep: dict[int, Any] = {}  # request id -> buffers it needs until answered
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -115,9 +144,14 @@ class Engine:
             self._loop.remove_reader(self._efd)
         self.drain()
         self._final_stats = self.replica_stats()
+        self._final_tstats = self.target_stats()
         eng, self._eng = self._eng, None
         lib.tandem_engine_free(eng)  # joins the engine thread (cffi releases the GIL)
         self.release_shared()
+        for view in self._maps.values():
+            ffi.release(view)
+        self._maps.clear()
+        self._keep.clear()
         for fut in self._futures.values():
             if not fut.done():
                 fut.set_exception(OSError(errno.ESHUTDOWN, "the engine stopped"))
@@ -173,6 +207,22 @@ class Engine:
             h.on_fault_used(ev.id)
         elif kind == EV_LOG:
             h.on_log(ev.status, data.decode("utf-8", "replace"))
+        elif kind == EV_DONE:
+            self._keep.pop(ev.id, None)
+            fut = self._futures.pop(ev.id, None)
+            if fut is not None and not fut.done():
+                if ev.status:
+                    fut.set_exception(OSError(ev.status, os.strerror(ev.status)))
+                else:
+                    fut.set_result(None)
+        elif kind == EV_IO_DONE:
+            self._keep.pop(ev.id, None)
+            fut = self._futures.pop(ev.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(IoResult(ev.status, data))
+        elif kind == EV_MEMBER_DOWN:
+            why = data.decode("utf-8", "replace")
+            h.on_member_down(ev.id, ev.tag, ev.op, ev.conn, why)
 
     # --- commands -----------------------------------------------------------------------------
 
@@ -297,4 +347,169 @@ class Engine:
             "requests": s.requests,
             "upcalls": s.upcalls,
             "pauses": s.pauses,
+        }
+
+    # --- the target side ----------------------------------------------------------------------
+
+    def _request(self) -> tuple[int, asyncio.Future[Any]]:
+        assert self._loop is not None, "attach() first"
+        rid = next(self._ids)
+        fut = self._loop.create_future()
+        self._futures[rid] = fut
+        return rid, fut
+
+    def _forget(self, rid: int) -> None:
+        self._futures.pop(rid, None)
+        self._keep.pop(rid, None)
+
+    def vol_setup(
+        self,
+        size: int,
+        replica_count: int,
+        quorum: int,
+        timeout: float,
+        timeout_last: float,
+        name: str,
+    ) -> None:
+        rc = lib.tandem_vol_setup(
+            self._live, size, replica_count, quorum, timeout, timeout_last, name.encode()
+        )
+        self._check(rc, "volume setup")
+
+    def member_attach(
+        self, slot: int, fd: int, mode: int, current: bool, address: str
+    ) -> asyncio.Future[None]:
+        """Hand over a member's data connection (the engine closes fd); done once the member
+        receives writes."""
+        if self._eng is None:
+            os.close(fd)
+            raise OSError(errno.ESHUTDOWN, "the engine stopped")
+        rid, fut = self._request()
+        rc = lib.tandem_member_attach(
+            self._eng, slot, fd, mode, int(current), address.encode(), rid
+        )
+        if rc < 0:
+            self._forget(rid)
+            os.close(fd)
+            self._check(rc, "attach member")
+        return fut
+
+    def member_mode(
+        self, slot: int, mode: int, current: bool, why: str = ""
+    ) -> asyncio.Future[None]:
+        rid, fut = self._request()
+        rc = lib.tandem_member_mode(self._live, slot, mode, int(current), why.encode(), rid)
+        if rc < 0:
+            self._forget(rid)
+            self._check(rc, "member mode")
+        return fut
+
+    def member_map(
+        self, slot: int, bits: bytearray | None, region: int, track: bool = True
+    ) -> asyncio.Future[None]:
+        """The member's region map (None forgets the slot); the previous one is let go once
+        the engine stopped using it."""
+        rid, fut = self._request()
+        old = self._maps.pop(slot, None)
+        view = ffi.from_buffer("uint8_t[]", bits) if bits is not None else ffi.NULL
+        if bits is not None:
+            self._maps[slot] = view
+        if old is not None:
+            self._keep[rid] = old  # released with the answer (cffi views die with their object)
+        count = len(bits) if bits is not None else 0
+        rc = lib.tandem_member_map(self._live, slot, view, count, region, int(track), rid)
+        if rc < 0:
+            self._forget(rid)
+            self._check(rc, "member map")
+        return fut
+
+    def member_tracking(self, slot: int) -> bool:
+        return self._eng is not None and bool(lib.tandem_member_tracking(self._eng, slot))
+
+    def vol_stable(self, seq: int) -> None:
+        if self._eng is not None:
+            self._check(lib.tandem_vol_stable(self._eng, seq), "stable")
+
+    def lock(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, asyncio.Future[None]]:
+        """An exclusive lock over [start, end) ranges: (id for unlock(), granted future)."""
+        rid, fut = self._request()
+        flat = [v for r in ranges for v in r]
+        rc = lib.tandem_vol_lock(self._live, rid, flat or [0, 0], len(ranges))
+        if rc < 0:
+            self._forget(rid)
+            self._check(rc, "lock")
+        return rid, fut
+
+    def unlock(self, rid: int) -> None:
+        self._futures.pop(rid, None)
+        if self._eng is not None:
+            self._check(lib.tandem_vol_unlock(self._eng, rid), "unlock")
+
+    def qos(self, limits: Sequence[float], burst_seconds: float) -> None:
+        self._check(lib.tandem_vol_qos(self._live, list(limits), burst_seconds), "qos")
+
+    def submit(
+        self,
+        frontend: int,
+        op: int,
+        offset: int,
+        length: int,
+        data: bytes | None = None,
+        flags: int = 0,
+    ) -> asyncio.Future[IoResult]:
+        """A volume request (the volume's write rule, reads, QoS, stats)."""
+        rid, fut = self._request()
+        buf = ffi.NULL
+        if data is not None:
+            buf = ffi.from_buffer(data)
+            self._keep[rid] = (data, buf)  # alive until the engine answered
+        rc = lib.tandem_vol_submit(self._live, rid, frontend, op, flags, offset, length, buf)
+        if rc < 0:
+            self._forget(rid)
+            self._check(rc, "submit")
+        return fut
+
+    def nbd_add(
+        self, conn: int, fd: int, flags: int, size: int, frontend: int, pre: bytes = b""
+    ) -> None:
+        """Hand over an NBD client socket (blocking mode) after the handshake."""
+        if self._eng is None:
+            os.close(fd)
+            raise OSError(errno.ESHUTDOWN, "the engine stopped")
+        rc = lib.tandem_nbd_add(self._eng, conn, fd, flags, size, frontend, pre, len(pre))
+        if rc < 0:
+            os.close(fd)
+            self._check(rc, "add NBD connection")
+
+    def nbd_stop(self, conn: int) -> None:
+        if self._eng is not None:
+            lib.tandem_nbd_stop(self._eng, conn)
+
+    def target_stats(self) -> dict[str, Any]:
+        """The engine's target-side counters (a snapshot; the last one once closed)."""
+        if self._eng is None:
+            return dict(self._final_tstats or {})
+        s = self._tstats_ptr
+        fe = {}
+        for i, name in enumerate(FRONTENDS):
+            fe[name] = {
+                op: {
+                    "ops": s.fe[i][j].ops,
+                    "bytes": s.fe[i][j].bytes,
+                    "errors": s.fe[i][j].errors,
+                    "lat": list(s.fe[i][j].lat),
+                    "lat_sum": s.fe[i][j].lat_sum,
+                }
+                for j, op in enumerate(STAT_OPS)
+            }
+        return {
+            "frontends": fe,
+            "requests": s.requests,
+            "upcalls": s.upcalls,
+            "throttled": list(s.throttled),
+            "throttled_seconds": list(s.throttled_seconds),
+            "member_requests": s.member_requests,
+            "drops": s.drops,
+            "drop_seq": s.drop_seq,
+            "stable_seq": s.stable_seq,
         }

@@ -29,6 +29,12 @@ enum {
     TANDEM_EV_FAULT_DROP = 5,  /* conn, op: a drop fault closed the connection */
     TANDEM_EV_FAULT_USED = 6,  /* id: fault slot whose count was consumed by one */
     TANDEM_EV_LOG = 7,         /* status: logging level (20 info, 30 warning), data: text */
+    /* the target side */
+    TANDEM_EV_DONE = 8,        /* id, status (0 or errno): a command with a result took effect */
+    TANDEM_EV_IO_DONE = 9,     /* id, status, data (read bytes, or the error message) */
+    TANDEM_EV_MEMBER_DOWN = 10, /* id: member slot, tag: drop sequence (0: no generation bump
+                                   needed), op: the mode it had, conn: its data connection,
+                                   data: why */
 };
 
 struct tandem_event {
@@ -49,6 +55,8 @@ struct tandem_event {
 /* Connection kinds handed to tandem_conn_add. */
 enum {
     TANDEM_CONN_REPLICA_SERVER = 1, /* serves the replica data protocol (replica/protocol.py) */
+    TANDEM_CONN_NBD = 2,            /* an NBD client in transmission (tandem_nbd_add) */
+    TANDEM_CONN_MEMBER = 3,         /* a target's data connection to a replica (tandem_member_attach) */
 };
 
 /* Epoch actions of tandem_conn_reply. */
@@ -139,6 +147,105 @@ int tandem_replica_io(tandem_engine *e, int op, int flags, uint64_t offset, uint
                       void *buf);
 /* The replica counters (valid until the engine is freed). */
 struct tandem_replica_stats *tandem_replica_stats(tandem_engine *e);
+
+/* --- the target side (native/ENGINE.md "Target side") ----------------------------------- */
+
+/* Member modes (target/replicator.py Mode) and volume I/O ops. */
+enum {
+    TANDEM_MODE_ERR = 0,
+    TANDEM_MODE_WO = 1,
+    TANDEM_MODE_RW = 2,
+};
+enum {
+    TANDEM_VIO_READ = 1,
+    TANDEM_VIO_WRITE = 2,
+    TANDEM_VIO_FLUSH = 3,
+    TANDEM_VIO_UNMAP = 4,
+    TANDEM_VIO_WRITE_ZEROES = 5,
+};
+/* Volume I/O flags. */
+enum {
+    TANDEM_VIO_FUA = 1,
+    TANDEM_VIO_NO_HOLE = 2,
+};
+/* NBD connection flags (what the handshake negotiated). */
+enum {
+    TANDEM_NBD_STRUCTURED = 1,
+    TANDEM_NBD_META_CONTEXT = 2,
+    TANDEM_NBD_READONLY = 4,
+};
+enum {
+    TANDEM_MAX_MEMBERS = 32,
+    TANDEM_FRONTENDS = 4, /* stats slots: 0 nbd, 1 iscsi, 2 internal (Python's own I/O) */
+    TANDEM_STAT_OPS = 5,  /* read, write, flush, unmap, write_zeroes */
+    TANDEM_LAT_BUCKETS = 14, /* target/stats.py _BUCKETS, then +Inf */
+};
+
+struct tandem_op_stats {
+    uint64_t ops;    /* successful requests */
+    uint64_t bytes;
+    uint64_t errors; /* failed requests */
+    uint64_t lat[14]; /* TANDEM_LAT_BUCKETS: successful requests by latency, not cumulative */
+    double lat_sum;  /* seconds */
+};
+
+/* Counters of the target side, written by the engine thread, read by Python at any time. */
+struct tandem_target_stats {
+    struct tandem_op_stats fe[4][5]; /* [TANDEM_FRONTENDS][TANDEM_STAT_OPS] */
+    uint64_t requests;  /* frontend requests the engine parsed (NBD) or was handed (submit) */
+    uint64_t upcalls;   /* of them, handed to Python */
+    uint64_t throttled[2];         /* QoS: read, write requests that had to wait */
+    double throttled_seconds[2];   /* and how long they waited */
+    uint64_t member_requests;      /* requests sent to replicas */
+    uint64_t drops;                /* members dropped */
+    uint64_t drop_seq;             /* drops that need a generation bump, so far */
+    uint64_t stable_seq;           /* ... of which Python's bumps covered */
+};
+
+/* The volume: size, quorum base, deadlines (seconds; the bare quorum of RW members gets
+ * timeout_last), name (for messages). Call again to change any of them. */
+int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quorum,
+                     double timeout, double timeout_last, const char *name);
+/* Hand over member slot's data connection: a connected socket (blocking mode) that already
+ * OPENed the replica with the member's fencing key; mode RW or WO; current: dropping it needs
+ * a generation bump (RW members always do). Replaces the slot's previous connection.
+ * TANDEM_EV_DONE id once the member receives writes. */
+int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current,
+                         const char *address, uint64_t id);
+/* Change a member's mode: RW/WO, or ERR (drop it: close its connection, like a failure).
+ * current as above. TANDEM_EV_DONE id. */
+int tandem_member_mode(tandem_engine *e, int slot, int mode, int current, const char *why,
+                       uint64_t id);
+/* The member's region map, shared with Python (target/regions.py): `count` bytes, one per
+ * region of `region` bytes. The engine marks it for every write the member misses while it
+ * is ERR and tracking; tracking starts, on a cleared map, when an RW member is dropped.
+ * Replacing a map carries its marks over when the region size is the same, else tracking
+ * stops; track = 0 stops tracking; map NULL forgets the slot. TANDEM_EV_DONE id once the
+ * engine no longer uses the previous map. */
+int tandem_member_map(tandem_engine *e, int slot, uint8_t *map, uint64_t count, uint64_t region,
+                      int track, uint64_t id);
+/* 1 while the engine marks the member's map (a returning member can be rebuilt from it). */
+int tandem_member_tracking(tandem_engine *e, int slot);
+/* Python bumped the generation of every current member, covering the drops up to seq:
+ * writes are acknowledged again once every drop is covered. */
+int tandem_vol_stable(tandem_engine *e, uint64_t seq);
+/* Exclusive range lock over n [start, end) byte ranges (ranges has 2n values): engine writes
+ * overlapping them wait; TANDEM_EV_DONE id once overlapping writes in flight are done. */
+int tandem_vol_lock(tandem_engine *e, uint64_t id, const uint64_t *ranges, int n);
+int tandem_vol_unlock(tandem_engine *e, uint64_t id);
+/* QoS limits (target/qos.py): read, write, total IOPS; read, write, total bytes/s; 0 = none. */
+int tandem_vol_qos(tandem_engine *e, const double *limits, double burst_seconds);
+/* A volume request on Python's behalf (a BlockDevice call): TANDEM_EV_IO_DONE id. data: the
+ * bytes to write (Python keeps them alive until done); reads come back in the event. */
+int tandem_vol_submit(tandem_engine *e, uint64_t id, int frontend, int op, int flags,
+                      uint64_t offset, uint32_t length, const void *data);
+/* Adopt an NBD client socket (blocking mode) after the handshake: flags TANDEM_NBD_*, the
+ * export size it was told, the bytes Python already read past the handshake. */
+int tandem_nbd_add(tandem_engine *e, uint64_t conn, int fd, int flags, uint64_t size,
+                   int frontend, const void *pre, size_t prelen);
+/* Stop reading from an NBD connection, answer what is in flight, then close it. */
+int tandem_nbd_stop(tandem_engine *e, uint64_t conn);
+struct tandem_target_stats *tandem_target_stats(tandem_engine *e);
 
 /* --- a tiny pipelined replica-protocol client for benchmarks (native/bench_replica.py) --- */
 

@@ -18,29 +18,9 @@ from replica.webserver import WebServer
 if TYPE_CHECKING:
     from replica.native_server import NativeReplicaServer
 
+from native import choose_engine
+
 log = logging.getLogger("tandem.replica")
-
-ENGINES = ("auto", "native", "python")
-
-
-class EngineUnavailable(ValueError):
-    """--engine native on a host where the io_uring engine cannot run."""
-
-
-def choose_engine(requested: str) -> tuple[str, str]:
-    """(engine, why): auto picks native where io_uring works and the extension is built."""
-    if requested not in ENGINES:
-        raise ValueError(f"unknown engine {requested!r}; one of {', '.join(ENGINES)}")
-    if requested == "python":
-        return "python", "asked for (--engine python)"
-    import native
-
-    why = native.engine_unavailable()
-    if why is None:
-        return "native", "io_uring works here" if requested == "auto" else "asked for"
-    if requested == "native":
-        raise EngineUnavailable(f"--engine native: {why}")
-    return "python", why
 
 
 async def serve_replica(

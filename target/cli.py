@@ -84,6 +84,16 @@ def target() -> None:
     "--public-portal", default=None, help="HOST:PORT that SendTargets advertises instead."
 )
 @click.option("--api", default="127.0.0.1:9501", show_default=True, help="REST API address.")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "native", "python"]),
+    default="auto",
+    show_default=True,
+    envvar="TANDEM_ENGINE",
+    metavar="ENGINE",
+    help="Data path: native (C on io_uring), python (the reference), or auto (native where "
+    "io_uring works and the extension is built).",
+)
 def serve(
     name: str,
     size: str,
@@ -110,6 +120,7 @@ def serve(
     allowed: tuple[str, ...],
     public_portal: str | None,
     api: str,
+    engine: str,
 ) -> None:
     """Serve a replicated volume over NBD and/or iSCSI."""
     from target.daemon import serve_target
@@ -156,6 +167,7 @@ def serve(
                 allowed_initiators=list(allowed) or None,
                 public_portal=portal,
             ),
+            engine=engine,
         )
         for address in (*replicas, *([] if no_nbd else [nbd]), *([iscsi] if iscsi else []), api):
             parse_address(address)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from native import choose_engine
 from replica.client import parse_address
 from replica.webserver import WebServer
 from target.api import make_app
@@ -20,6 +21,9 @@ async def serve_target(opts: VolumeOptions, nbd: str | None, iscsi: str | None, 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    kind, why = choose_engine(opts.engine)
+    log.info("target engine: %s (%s)", kind, why)
+    opts.engine = kind
     volume = Volume(opts)
     ahost, aport = parse_address(api)
     web = WebServer(make_app(volume), ahost, aport)

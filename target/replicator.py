@@ -73,6 +73,7 @@ class Member:
     error: str | None = "not connected"
     generation: int | None = None
     uuid: str | None = None
+    key: int = 0  # the fencing key of its last OPEN (epoch << SESSION_BITS | session)
     # Regions written while this replica was away; None = unknown (a full rebuild needed).
     missed: RegionMap | None = None
     missed_since: int | None = None  # its generation when the tracking began
@@ -123,7 +124,7 @@ class Replicator:
         self._size = size
         self.timeout = timeout
         self.timeout_last = max(timeout, timeout_last if timeout_last is not None else 6 * timeout)
-        self.members = [Member(a) for a in addresses]
+        self.members = [self._new_member(a) for a in addresses]
         self.replica_count = replica_count or len(addresses)
         self.quorum = self.replica_count // 2 + 1
         self.epoch = 0
@@ -292,6 +293,23 @@ class Replicator:
             if m.client is not None:
                 m.client.timeout = self.timeout_last if last and m.mode == Mode.RW else self.timeout
 
+    # Hooks for the native engine's replicator (target/native_replicator.py); no-ops here.
+
+    def _new_member(self, address: str) -> Member:
+        return Member(address)
+
+    async def _receiving(self, m: Member) -> None:
+        """m was set WO: return once it receives every write."""
+
+    async def _promoting(self, m: Member) -> None:
+        """m is about to get the current generation (its drop needs a bump from now on)."""
+
+    async def _settled(self) -> None:
+        """Before a generation bump reads the RW set: every drop so far is known."""
+
+    def _bumped(self) -> None:
+        """The RW replicas carry the new generation."""
+
     async def _drop(self, m: Member, why: BaseException | str) -> None:
         """Mark m ERR, start recording what it misses, bump the survivors' generation."""
         if m.mode == Mode.ERR:
@@ -314,6 +332,7 @@ class Replicator:
         try:
             async with self._membership:
                 while True:
+                    await self._settled()
                     self.generation += 1
                     gen = self.generation
                     rw = [m for m in self.members if m.mode == Mode.RW and m.client]
@@ -331,6 +350,7 @@ class Replicator:
                             self._set_mode(m, Mode.ERR, f"generation update failed: {r}")
                     if not failed:
                         break
+                self._bumped()
         finally:
             self._stable.set()
 
@@ -497,7 +517,8 @@ class Replicator:
         the replica rejoined."""
         assert m.client is not None
         self._session += 1
-        await m.client.open((self.epoch << SESSION_BITS) | self._session)
+        m.key = (self.epoch << SESSION_BITS) | self._session
+        await m.client.open(m.key)
 
     # --- healing ------------------------------------------------------------------------
 
@@ -574,6 +595,9 @@ class Replicator:
         # What it may lack: the writes it missed (tracked), and if its kernel lost its page
         # cache too, what it had not flushed (its write-intent regions).
         own = [tuple(r) for r in info.get("dirty_regions", [])] if info.get("lost_cache") else []
+        # From here on it receives every write; what it missed until then is in m.missed.
+        self._set_mode(m, Mode.WO)
+        await self._receiving(m)
         ranges = (
             merge_ranges(m.missed.ranges() + own)
             if incremental and m.missed is not None
@@ -583,7 +607,6 @@ class Replicator:
         m.rebuild = Progress(kind, sum(n for _, n in ranges))
         if m.missed is None:
             m.missed_since = None  # stays unknown until a rebuild completes
-        self._set_mode(m, Mode.WO)
         log.info("replica %s rejoins: %s rebuild of %d bytes", m.address, kind, m.rebuild.total)
         self._spawn(self._rebuild(m, ranges))
 
@@ -617,6 +640,7 @@ class Replicator:
             async with self._membership:
                 if m.mode != Mode.WO or m.client is None:
                     return
+                await self._promoting(m)
                 await m.client.set_generation(self.generation)
                 crash_point("rebuild.after_generation")
                 m.generation = self.generation
@@ -708,7 +732,7 @@ class Replicator:
                 raise ValueError(
                     f"volume already has {self.replica_count} replicas; remove one first"
                 )
-            m = Member(address)
+            m = self._new_member(address)
             self.members.append(m)
             self._update_deadlines()
         await self._rejoin(m)

@@ -1,4 +1,8 @@
-"""One volume's stack in a target process: replicator -> QoS -> per-frontend stats -> frontends."""
+"""One volume's stack in a target process: replicator -> QoS -> per-frontend stats -> frontends.
+
+On the native engine (`engine="native"`) the replicator's data path, QoS, the stats and the
+NBD transmission phase run in the engine (target/native_volume.py has the parts); the
+frontends see the same BlockDevice interface (EngineDevice)."""
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class VolumeOptions:
     rebuild_rate: int = 0
     iscsi: IscsiOptions | None = field(default=None)
     qos: QosLimits = field(default_factory=QosLimits)
+    engine: str = "python"  # or "native" (native.choose_engine picks)
 
 
 class ReplicatedState:
@@ -64,28 +69,44 @@ class Volume:
         self.opts = opts
         self.name = opts.name
         self.registry = CollectorRegistry()
-        self.replicator = Replicator(
-            opts.name,
-            opts.size,
-            opts.replicas,
-            opts.replica_count,
-            timeout=opts.replica_timeout,
-            timeout_last=opts.replica_timeout_last,
-            rebuild_rate=opts.rebuild_rate,
-        )
-        # One QoS layer under both frontends: the limits are the volume's, not per frontend.
-        self.qos = QosDevice(self.replicator, opts.qos)
-        self._metrics = VolumeMetrics(self.registry)
-        self.frontends: dict[str, StatsDevice] = {}
-        self.nbd: NbdServer | None = None
+        args = (opts.name, opts.size, opts.replicas, opts.replica_count)
+        kw: dict[str, Any] = {
+            "timeout": opts.replica_timeout,
+            "timeout_last": opts.replica_timeout_last,
+            "rebuild_rate": opts.rebuild_rate,
+        }
+        self.engine: Any = None  # native.engine.Engine on the native engine
+        self.frontends: dict[str, Any] = {}  # StatsDevice, or EngineDevice (native)
+        if opts.engine == "native":
+            from target.native_replicator import NativeReplicator
+            from target.native_volume import NativeMetrics, NativeQos, start_engine
+
+            self.engine, self._events = start_engine()
+            self.replicator: Replicator = NativeReplicator(self.engine, *args, **kw)
+            self._events.replicator = self.replicator  # type: ignore[assignment]
+            self.qos: Any = NativeQos(self.engine, opts.qos)
+            self.registry.register(NativeMetrics(self.name, self.frontends))  # type: ignore[arg-type]
+        else:
+            self.replicator = Replicator(*args, **kw)
+            # One QoS layer under both frontends: the limits are the volume's, not per frontend.
+            self.qos = QosDevice(self.replicator, opts.qos)
+            self._metrics = VolumeMetrics(self.registry)
+        self.nbd: Any = None  # NbdServer, or NativeNbdServer
         self.iscsi: IscsiServer | None = None
 
     @property
     def size(self) -> int:
         return self.replicator.size
 
-    def _device(self, frontend: str) -> StatsDevice:
-        dev = StatsDevice(self.qos, self._metrics, self.name, frontend)
+    def _device(self, frontend: str) -> Any:
+        if self.engine is not None:
+            from target.native_device import EngineDevice
+            from target.native_volume import FrontendStats
+
+            stats = FrontendStats(self.engine, frontend)
+            dev: Any = EngineDevice(self.replicator, frontend, stats)  # type: ignore[arg-type]
+        else:
+            dev = StatsDevice(self.qos, self._metrics, self.name, frontend)
         self.frontends[frontend] = dev
         return dev
 
@@ -93,9 +114,14 @@ class Volume:
         await self.replicator.start(wait)
 
     async def serve_nbd(self, host: str, port: int) -> int:
-        self.nbd = NbdServer(
-            self._device("nbd"), self.name, description=f"Tandem volume {self.name}"
-        )
+        description = f"Tandem volume {self.name}"
+        if self.engine is not None:
+            from target.native_nbd import NativeNbdServer
+
+            self.nbd = NativeNbdServer(self._device("nbd"), self.name, description=description)
+            self._events.nbd = self.nbd
+        else:
+            self.nbd = NbdServer(self._device("nbd"), self.name, description=description)
         await self.nbd.start(host, port)
         assert self.nbd.port is not None
         return self.nbd.port
@@ -125,6 +151,8 @@ class Volume:
             if server is not None:
                 await server.close()
         await self.replicator.close()
+        if self.engine is not None:
+            self.engine.close()  # after the replicator: its last requests went through it
 
     def status(self) -> dict[str, Any]:
         st = self.replicator.status()
@@ -135,6 +163,7 @@ class Volume:
             "iqn": self.opts.iscsi.iqn if self.opts.iscsi else None,
             "qos": self.qos.status(),
             "rebuild_rate": self.replicator.limiter.rate,
+            "engine": self.opts.engine,
             "stats": {
                 frontend: {
                     op: {"ops": t[0], "bytes": t[1], "errors": t[2]} for op, t in dev.totals.items()

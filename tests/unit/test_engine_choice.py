@@ -1,11 +1,11 @@
-"""`tandem replica serve --engine auto|native|python`: which engine, and why."""
+"""`tandem replica|target serve --engine auto|native|python`: which engine, and why."""
 
 from __future__ import annotations
 
 import pytest
 
 import native
-from replica.daemon import EngineUnavailable, choose_engine
+from native import EngineUnavailable, choose_engine
 
 
 def test_python_when_asked() -> None:

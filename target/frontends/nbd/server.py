@@ -187,59 +187,10 @@ class _Connection:
             log.error("NBD command failed on %s", self.peer, exc_info=task.exception())
 
     async def _execute(self, cmd: p.Command, barrier: list[asyncio.Task[None]]) -> None:
-        try:
-            reply = await self._perform(cmd, barrier)
-        except BlockError as exc:
-            code = p.nbd_error(exc.errno)
-            if code == p.NBD_ENOTSUP and not cmd.flags & p.NBD_CMD_FLAG_FAST_ZERO:
-                code = p.NBD_EINVAL  # the doc keeps ENOTSUP for fast-zero refusals
-            reply = self.codec.reply_error(cmd.handle, code, str(exc))
-        except Exception:
-            log.exception("NBD command %d failed on %s", cmd.type, self.peer)
-            reply = self.codec.reply_error(cmd.handle, p.NBD_EIO, "internal server error")
+        reply = await answer(self.device, self.codec, cmd, barrier, self.peer)
         self._send(reply)
         with contextlib.suppress(ConnectionError):
             await self.writer.drain()
-
-    async def _perform(self, cmd: p.Command, barrier: list[asyncio.Task[None]]) -> bytes:
-        dev = self.device
-        codec = self.codec
-        kind, offset, length = cmd.type, cmd.offset, cmd.length
-        if kind in p.WRITE_COMMANDS and dev.readonly:
-            # Read-only can start after the handshake (lost write quorum): refuse here.
-            raise ReadOnlyError("volume is read-only")
-        if kind == p.NBD_CMD_READ:
-            data = await dev.read(offset, length) if length else b""
-            if len(data) != length:
-                # Sending it would desynchronise a simple-reply stream.
-                raise MediumError(f"device returned {len(data)} bytes, not {length}")
-            return codec.reply_read(cmd.handle, offset, data)
-        if kind == p.NBD_CMD_WRITE:
-            if length:
-                await dev.write(offset, cmd.data, fua=cmd.fua)
-        elif kind == p.NBD_CMD_FLUSH:
-            if barrier:
-                await asyncio.wait(barrier)
-            await dev.flush()
-        elif kind == p.NBD_CMD_TRIM:
-            if length:
-                await dev.unmap(offset, length)
-                if cmd.fua:
-                    await dev.flush()
-        elif kind == p.NBD_CMD_WRITE_ZEROES:
-            # FAST_ZERO is always honoured: zeroing sends no payload to the replicas, so it
-            # is never slower than the equivalent write.
-            if length:
-                may_unmap = not cmd.flags & p.NBD_CMD_FLAG_NO_HOLE
-                await dev.write_zeroes(offset, length, may_unmap=may_unmap)
-                if cmd.fua:
-                    await dev.flush()
-        elif kind == p.NBD_CMD_BLOCK_STATUS:
-            extents = await dev.block_status(offset, length)
-            req_one = bool(cmd.flags & p.NBD_CMD_FLAG_REQ_ONE)
-            return codec.reply_block_status(cmd.handle, offset, length, extents, req_one)
-        # NBD_CMD_CACHE: a hint the doc lets us ignore; there is no cache to warm.
-        return codec.reply_ok(cmd.handle)
 
     def _send(self, data: bytes) -> None:
         # One write() per reply: the transport queues it whole, so replies never interleave.
@@ -263,3 +214,65 @@ class _Connection:
         except (TimeoutError, ConnectionError, OSError):
             # A peer that stopped reading keeps our buffer full: drop it.
             self.writer.transport.abort()
+
+
+async def answer(
+    dev: BlockDevice,
+    codec: p.ServerCodec,
+    cmd: p.Command,
+    barrier: list[asyncio.Task[None]],
+    peer: object = None,
+) -> bytes:
+    """The reply to a valid command: run it, or the error it ended with."""
+    try:
+        return await perform(dev, codec, cmd, barrier)
+    except BlockError as exc:
+        code = p.nbd_error(exc.errno)
+        if code == p.NBD_ENOTSUP and not cmd.flags & p.NBD_CMD_FLAG_FAST_ZERO:
+            code = p.NBD_EINVAL  # the doc keeps ENOTSUP for fast-zero refusals
+        return codec.reply_error(cmd.handle, code, str(exc))
+    except Exception:
+        log.exception("NBD command %d failed on %s", cmd.type, peer)
+        return codec.reply_error(cmd.handle, p.NBD_EIO, "internal server error")
+
+
+async def perform(
+    dev: BlockDevice, codec: p.ServerCodec, cmd: p.Command, barrier: list[asyncio.Task[None]]
+) -> bytes:
+    """Run a valid command on the device; the reply's bytes (BlockError on failure)."""
+    kind, offset, length = cmd.type, cmd.offset, cmd.length
+    if kind in p.WRITE_COMMANDS and dev.readonly:
+        # Read-only can start after the handshake (lost write quorum): refuse here.
+        raise ReadOnlyError("volume is read-only")
+    if kind == p.NBD_CMD_READ:
+        data = await dev.read(offset, length) if length else b""
+        if len(data) != length:
+            # Sending it would desynchronise a simple-reply stream.
+            raise MediumError(f"device returned {len(data)} bytes, not {length}")
+        return codec.reply_read(cmd.handle, offset, data)
+    if kind == p.NBD_CMD_WRITE:
+        if length:
+            await dev.write(offset, cmd.data, fua=cmd.fua)
+    elif kind == p.NBD_CMD_FLUSH:
+        if barrier:
+            await asyncio.wait(barrier)
+        await dev.flush()
+    elif kind == p.NBD_CMD_TRIM:
+        if length:
+            await dev.unmap(offset, length)
+            if cmd.fua:
+                await dev.flush()
+    elif kind == p.NBD_CMD_WRITE_ZEROES:
+        # FAST_ZERO is always honoured: zeroing sends no payload to the replicas, so it
+        # is never slower than the equivalent write.
+        if length:
+            may_unmap = not cmd.flags & p.NBD_CMD_FLAG_NO_HOLE
+            await dev.write_zeroes(offset, length, may_unmap=may_unmap)
+            if cmd.fua:
+                await dev.flush()
+    elif kind == p.NBD_CMD_BLOCK_STATUS:
+        extents = await dev.block_status(offset, length)
+        req_one = bool(cmd.flags & p.NBD_CMD_FLAG_REQ_ONE)
+        return codec.reply_block_status(cmd.handle, offset, length, extents, req_one)
+    # NBD_CMD_CACHE: a hint the doc lets us ignore; there is no cache to warm.
+    return codec.reply_ok(cmd.handle)

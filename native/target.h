@@ -1,0 +1,100 @@
+/* The target side of the engine, shared by its parts: the volume (target.c: members, the
+ * fan-out write rule, reads, range locks, QoS, stability) and the frontends that submit
+ * volume I/O to it (nbd_server.c; Python's EngineDevice through tandem_vol_submit).
+ * See native/ENGINE.md, "Target side". Engine thread only. */
+#ifndef TANDEM_TARGET_H
+#define TANDEM_TARGET_H
+#include "engine.h"
+
+#define TBLOCK 4096u
+#define MAX_MEMBERS TANDEM_MAX_MEMBERS
+
+/* A payload shared by a request and the sends that carry it (refcounted). */
+struct vbuf {
+    int refs;
+    size_t len;
+    uint8_t *data; /* inl, or memory someone else keeps alive (external) */
+    uint8_t inl[];
+};
+
+struct vbuf *vbuf_new(size_t len);
+struct vbuf *vbuf_external(void *data, size_t len);
+static inline struct vbuf *vbuf_get(struct vbuf *b)
+{
+    b->refs++;
+    return b;
+}
+void vbuf_put(struct vbuf *b);
+
+/* One volume request (a BlockDevice call): submitted by a frontend, completed by calling
+ * `done` from the loop (never inside vio_submit). */
+struct vio;
+typedef void (*vio_done_fn)(struct vio *v);
+
+struct vio {
+    /* set by the submitter */
+    int op;       /* TANDEM_VIO_* */
+    int flags;    /* TANDEM_VIO_FUA | TANDEM_VIO_NO_HOLE */
+    int frontend; /* stats slot */
+    uint64_t offset;
+    uint32_t length;
+    struct vbuf *buf; /* WRITE: the payload (the vio holds a reference); READ: the data */
+    vio_done_fn done;
+    /* the result */
+    int status; /* 0 or an errno */
+    char *msg;  /* malloc'ed error message, or NULL */
+
+    /* internal (target.c) */
+    struct io dio;    /* the deferred completion */
+    struct list link; /* a wait list: QoS, range lock, stability */
+    struct list slink; /* holding its range (vol->shared) */
+    uint64_t lo, hi;   /* block-rounded range of a mutation */
+    int state;
+    int npend;  /* member requests outstanding */
+    int ntargets;
+    int tries;  /* reads: members tried */
+    uint64_t t0_ns;
+    uint32_t targets; /* member slots the request went to */
+    int res[MAX_MEMBERS];
+    char *rmsg[MAX_MEMBERS];
+    uint64_t rgen[MAX_MEMBERS]; /* connection generation each went out on */
+    char *last; /* reads: the last failure */
+};
+
+/* Start a request (QoS, range lock, fan-out or read); v->done runs when it is over. */
+void vio_submit(struct engine *e, struct vio *v);
+/* Release what the vio holds (buf, messages); the memory of v is the caller's. */
+void vio_release(struct vio *v);
+/* 1 when the volume takes no writes (fewer RW members than its quorum). */
+int vol_readonly(struct engine *e);
+uint64_t vol_size(struct engine *e);
+
+/* nbd_server.c */
+struct conn *nbd_conn_new(struct engine *e, uint64_t id, int fd, int flags, uint64_t size,
+                          int frontend, const void *pre, size_t prelen);
+void nbd_reply(struct engine *e, struct conn *c, void *data, size_t len, int end);
+void nbd_stop(struct engine *e, struct conn *c);
+
+/* target.c: the commands */
+int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
+                 double timeout, double timeout_last, const char *name);
+void target_attach(struct engine *e, int slot, int fd, int mode, int current,
+                   const char *address, uint64_t id);
+void target_mode(struct engine *e, int slot, int mode, int current, const char *why,
+                 uint64_t id);
+void target_map(struct engine *e, int slot, uint8_t *map, uint64_t count, uint64_t region,
+                int track, uint64_t id);
+int target_tracking(struct engine *e, int slot);
+void target_stable(struct engine *e, uint64_t seq);
+void target_lock(struct engine *e, uint64_t id, uint64_t *ranges, int n);
+void target_unlock(struct engine *e, uint64_t id);
+void target_qos(struct engine *e, const double *limits, double burst);
+void target_submit(struct engine *e, uint64_t id, int frontend, int op, int flags,
+                   uint64_t offset, uint32_t length, const void *data);
+void target_stop(struct engine *e);
+void target_free(struct engine *e);
+
+/* An event answering a command (TANDEM_EV_DONE). */
+void eng_done(struct engine *e, uint64_t id, int status);
+
+#endif
