@@ -141,6 +141,7 @@ class Replicator:
         self._attr_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self.started = False  # the current replicas are selected (start() returned)
         self.on_resize: list[Any] = []  # callbacks(new_size), e.g. SCSI capacity changed
 
     # --- BlockDevice ------------------------------------------------------------------
@@ -362,6 +363,7 @@ class Replicator:
         `wait=None` waits for a quorum of replicas forever; otherwise raises QuorumError
         after `wait` seconds."""
         await self._select(wait)
+        self.started = True
         if self._heal_enabled:
             self._spawn(self._heal_loop())
 
@@ -767,6 +769,7 @@ class Replicator:
             "epoch": self.epoch,
             "generation": self.generation,
             "readonly": self.readonly,
+            "starting": not self.started,  # still selecting: modes are not settled yet
             "resynced_bytes": self.resynced_bytes,
             "replicas": [m.status() for m in self.members],
         }

@@ -1,6 +1,6 @@
 """A volume's phase from what the apiserver observes (pure; see Cluster for the inputs).
 
-Pending     placed, target not answering yet (never has)
+Pending     placed, target not answering yet (never has), or still selecting its replicas
 Healthy     every configured replica RW, every replica's node ready
 Rebuilding  writable, some replica WO (being rebuilt)
 Degraded    writable, fewer RW replicas than configured and none rebuilding, or a
@@ -47,6 +47,8 @@ def volume_phase(
         if missing:
             return VolumePhase("Pending", f"starting replicas on {', '.join(missing)}")
         return VolumePhase("Pending", f"starting the target on {target.node}")
+    if status.get("starting"):
+        return VolumePhase("Pending", "the target is selecting its current replicas")
     members = status.get("replicas", [])
     rw = sum(1 for m in members if m["mode"] == "RW")
     wo = [m for m in members if m["mode"] == "WO"]

@@ -40,10 +40,12 @@ class FakeTarget:
         self.calls: list[tuple[str, str]] = []
         self.qos: dict[str, Any] = {}
         self.answers: dict[tuple[str, str], FakeResponse] = {}
+        self.starting = False
 
     async def status(self, api: str) -> dict[str, Any]:
         return {
             "name": self.name,
+            "starting": self.starting,
             "readonly": sum(m == "RW" for m in self.members.values()) < 2,
             "quorum": 2,
             "replicas": [{"address": a, "mode": m} for a, m in self.members.items()],
@@ -182,6 +184,34 @@ def test_replacement_waits_while_the_volume_is_not_writable() -> None:
     assert "ReplaceWaiting" in [e["type"] for e in view["events"]]
     assert lost in [r["node"] for r in view["replicas"]]
     assert not [c for c in fake.calls if c[0] in ("add", "remove")]
+    loop.run_until_complete(cluster.close())
+    loop.close()
+
+
+def test_a_target_still_selecting_its_replicas_is_pending_not_readonly() -> None:
+    # Its API answers while it selects; every member is ERR until then. `volume create
+    # --wait` must not return that as ReadOnly.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    cluster = Cluster(Settings(db=":memory:", token="t"))
+    for n in ("n1", "n2", "n3"):
+        report(cluster, n, {}, 0)
+    loop.run_until_complete(
+        volumes.create(cluster, VolumeCreate(name="v", size="1G", replica_count=3))
+    )
+    report_all(cluster)
+    nodes_ = [p.node for p in cluster.store.procs(volume="v", role="replica")]
+    fake = FakeTarget("v", [f"{n}:1" for n in nodes_])
+    fake.members = dict.fromkeys(fake.members, "ERR")
+    fake.starting = True
+    cluster.targets = fake  # type: ignore[assignment]
+    loop.run_until_complete(Reconciler(cluster).once())
+    view = volumes.view(cluster, cluster.store.volume("v"))  # type: ignore[arg-type]
+    assert view["phase"] == "Pending" and "selecting" in view["message"]
+    fake.starting = False  # selected, but below quorum: now it is ReadOnly
+    loop.run_until_complete(Reconciler(cluster).once())
+    view = volumes.view(cluster, cluster.store.volume("v"))  # type: ignore[arg-type]
+    assert view["phase"] == "ReadOnly"
     loop.run_until_complete(cluster.close())
     loop.close()
 
