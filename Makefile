@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 APT_PACKAGES := gcc make pkg-config python3-dev python3-venv libffi-dev liburing-dev \
 	libnbd-bin python3-libnbd qemu-utils qemu-block-extra fuse3 e2fsprogs \
 	libiscsi-bin fio nbdkit tgt iproute2 util-linux procps coreutils \
-	qemu-system-x86 open-iscsi linux-image-amd64 busybox-static cpio kmod xz-utils binutils
+	qemu-system-x86 open-iscsi linux-image-amd64 busybox-static cpio kmod xz-utils binutils \
+	clang libclang-rt-14-dev
 STAMP := $(VENV)/.installed
 # fio rebuilt with the libiscsi engine (Debian's has only nbd); tests and perf use it.
 FIO_ISCSI := /opt/fio-libiscsi/bin/fio
 
-.PHONY: setup apt run test lint fmt clean perf asan
+.PHONY: setup apt run test lint fmt clean perf asan fuzz
 
 setup: apt $(STAMP)
 
@@ -73,3 +74,25 @@ asan: setup
 	$(BIN)/pytest -q -p no:cacheprovider $(ASAN_TESTS); \
 	rc=$$?; if grep -lE "ERROR: AddressSanitizer|runtime error" $(ASAN_REPORT).* 2>/dev/null; \
 	then cat $(ASAN_REPORT).*; rc=1; fi; exit $$rc  # (other reports are warnings)
+
+# libFuzzer harnesses of the engine's protocol decoders (native/fuzz/README.md): built with
+# clang, ASan and UBSan into build/fuzz/, each run for FUZZ_SECONDS on a temporary copy of its
+# seed corpus after the reproducers of known findings (native/fuzz/crashes/); any crash,
+# sanitizer report, leak, timeout or hang fails. Needs clang + libFuzzer (`make setup`).
+# make fuzz FUZZ_SECONDS=300 FUZZ_HARNESSES=nbd
+FUZZ_SECONDS ?= 30
+FUZZ_HARNESSES ?= replica nbd
+FUZZ_CC ?= clang
+# every engine source (a new protocol file links in by itself); not cffi's output, not the bench
+FUZZ_ENGINE := $(filter-out native/_native% native/bench_client.c,$(wildcard native/*.c))
+FUZZ_CFLAGS := -g -O1 -std=gnu11 -pthread -Wall -Wextra -Werror -fno-omit-frame-pointer \
+	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Inative -Inative/fuzz
+
+build/fuzz/fuzz_%: native/fuzz/fuzz_%.c native/fuzz/fuzz_common.c native/fuzz/fuzz_common.h \
+		$(FUZZ_ENGINE) $(wildcard native/*.h)
+	@command -v $(FUZZ_CC) >/dev/null || { echo "$(FUZZ_CC) not found: run make setup"; exit 1; }
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $< native/fuzz/fuzz_common.c $(FUZZ_ENGINE) -luring -o $@
+
+fuzz: setup $(addprefix build/fuzz/fuzz_,$(FUZZ_HARNESSES))
+	bash native/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_HARNESSES)

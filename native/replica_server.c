@@ -1545,6 +1545,8 @@ static void rc_pump(struct rconn *rc)
             }
             size_t total = REQ_SIZE + (size_t)h.plen;
             if (total > c->rcap) {
+                if (rc->eof) /* the peer closed: this payload can never arrive */
+                    break;   /* rc_maybe_finish finishes the connection */
                 uint8_t *buf = malloc(h.plen);
                 if (!buf) {
                     conn_abort(c);
