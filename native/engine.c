@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -317,7 +318,8 @@ void conn_arm_recv(struct conn *c)
             return; /* full: the handler holds its bytes (a barrier); it re-arms later */
     }
     struct io_uring_sqe *sqe = eng_sqe(c->e, &c->rio, 1);
-    io_uring_prep_recv(sqe, c->fd, p, n, 0);
+    /* A large payload lands whole in its own buffer: one completion, not one per segment. */
+    io_uring_prep_recv(sqe, c->fd, p, n, c->recv_direct ? MSG_WAITALL : 0);
     c->recv_armed = 1;
 }
 
@@ -859,6 +861,11 @@ tandem_engine *tandem_engine_new(int *err)
         *err = -ENOMEM;
         return NULL;
     }
+    /* Payload buffers (up to 32 MiB) come from the heap and are reused: above glibc's
+     * default mmap threshold every 1 MiB request paid an mmap, page faults that zero the
+     * pages, and an munmap (about a tenth of the CPU of 1 MiB reads, measured). */
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->cond, NULL);
     e->cmd_tail = &e->cmd_head;

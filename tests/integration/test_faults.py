@@ -232,6 +232,12 @@ def test_cli_status_shows_modes(cluster: Cluster) -> None:
         timeout=30,
         check=True,
     ).stdout
-    lines = {a: ln for ln in out.splitlines() for a in cluster.replica_addresses if a in ln}
+    # Each replica's row starts on the first line naming it (an error message may name it
+    # again on a wrapped line further down).
+    lines: dict[str, str] = {}
+    for ln in out.splitlines():
+        for a in cluster.replica_addresses:
+            if a in ln:
+                lines.setdefault(a, ln)
     assert "ERR" in lines[cluster.replica_addresses[1]]
     assert "RW" in lines[cluster.replica_addresses[0]]
