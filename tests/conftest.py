@@ -15,7 +15,7 @@ REPLICA_SUITES = {"test_replica_server.py", "test_faults.py", "test_nbd_clients.
 ENGINE_CHOICES = ("auto", "native", "python", "both")
 
 
-def _engine_choice() -> str:
+def engine_choice() -> str:
     choice = os.environ.get("TANDEM_ENGINE", "both")
     if choice not in ENGINE_CHOICES:
         raise pytest.UsageError(f"TANDEM_ENGINE={choice!r}: one of {', '.join(ENGINE_CHOICES)}")
@@ -25,14 +25,14 @@ def _engine_choice() -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "replica_engine" not in metafunc.fixturenames:
         return
-    if _engine_choice() == "both" and Path(str(metafunc.module.__file__)).name in REPLICA_SUITES:
+    if engine_choice() == "both" and Path(str(metafunc.module.__file__)).name in REPLICA_SUITES:
         metafunc.parametrize("replica_engine", ["python", "native"], indirect=True)
 
 
 @pytest.fixture(autouse=True)
 def replica_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The replica engine this test's replica processes use (through TANDEM_ENGINE)."""
-    engine = getattr(request, "param", None) or _engine_choice()
+    engine = getattr(request, "param", None) or engine_choice()
     if engine == "both":
         engine = "auto"
     if engine == "native":

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from replica.client import ReplicaClient
+from tests.conftest import engine_choice
 from tests.procs import HOST, Cluster
 from tests.workload import VerifyingWriter
 
@@ -90,10 +91,14 @@ def inject(c: Cluster, fault: str, victim: int, rng: random.Random) -> dict[str,
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_fault_trial(make_cluster: Any, trial: int, tmp_path: Path) -> None:
     rng = random.Random(SEED * 1000 + trial)
-    fault = FAULTS[trial % len(FAULTS)] if trial < len(FAULTS) else rng.choice(FAULTS)
+    # The first trials take every fault once on each engine, the rest are random.
+    fault = FAULTS[trial // 2] if trial < 2 * len(FAULTS) else rng.choice(FAULTS)
     victim = rng.randrange(3)
-    print(f"fault trial {trial}: seed {SEED} fault {fault} replica {victim}")
-    c: Cluster = make_cluster(size=SIZE, timeout=1.0)
+    # Both engines (target and replicas) share the trials unless TANDEM_ENGINE picks one.
+    engine = ("native", "python")[trial % 2] if engine_choice() == "both" else None
+    print(f"fault trial {trial}: seed {SEED} fault {fault} replica {victim} engine {engine}")
+    env = {"TANDEM_ENGINE": engine} if engine else None
+    c: Cluster = make_cluster(size=SIZE, timeout=1.0, env=env)
     if fault == "netcut":
         c.add_proxy(victim)
     if fault == "diskfull":
