@@ -1,0 +1,277 @@
+"""iSCSI's full feature phase in the native engine (native/iscsi_server.c), on a real
+3-replica volume: the raw initiator of tests/unit/test_iscsi_initiator.py says exactly what
+goes on the wire. What only the engine path has: steady-state READ/WRITE without up-calls,
+slow mode keeping Python's SPC rules, digests, and broken input handled by C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.request
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import native
+from target.frontends.iscsi import pdu as p
+from tests.procs import Cluster
+from tests.unit.test_iscsi_initiator import TUR, RawInitiator, read10, write10
+
+pytestmark = pytest.mark.skipif(
+    native.engine_unavailable() is not None, reason=f"native engine: {native.engine_unavailable()}"
+)
+
+IQN = "iqn.2026-11.io.tandem:vol"
+ISIDS = iter(bytes.fromhex(f"4000013700{i:02x}") for i in range(1, 255))
+CHECK_CONDITION, RESERVATION_CONFLICT = 0x02, 0x18
+
+
+@pytest.fixture(scope="module")
+def vol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    env = {**os.environ, "TANDEM_ENGINE": "native"}
+    c = Cluster(Path(tmp_path_factory.mktemp("native-iscsi")), env=env).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def counters(c: Cluster) -> dict[str, int]:
+    with urllib.request.urlopen(c.api + "/v1/volume", timeout=10) as r:
+        st = json.load(r)
+    assert st["engine"] == "native"
+    return st["engine_counters"]["iscsi"]  # type: ignore[no-any-return]
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def session(c: Cluster, **keys: str) -> RawInitiator:
+    ini = await RawInitiator.connect(c.iscsi_port)
+    rsp = await ini.login(target=IQN, isid=next(ISIDS), **keys)
+    assert rsp.status_class == 0, rsp
+    first = await ini.command(TUR)  # the power-on unit attention of a new nexus
+    assert first.status == CHECK_CONDITION and first.sense[12] == 0x29, first
+    return ini
+
+
+def sense_code(reply: Any) -> tuple[int, int, int]:
+    return reply.sense[2] & 0x0F, reply.sense[12], reply.sense[13]
+
+
+def test_steady_state_read_write_runs_no_python(vol: Cluster) -> None:
+    async def scenario() -> None:
+        ini = await session(vol)
+        before = counters(vol)
+        # immediate + unsolicited data, R2T-solicited bursts, reads split over Data-Ins
+        for lba, blocks in ((0, 1), (8, 8), (64, 256), (1024, 2048)):
+            data = os.urandom(blocks * 512)
+            assert (await ini.command(write10(lba, blocks), data=data)).status == 0
+            back = await ini.command(read10(lba, blocks), read=blocks * 512)
+            assert back.status == 0 and back.data == data
+            assert len(back.pdus) == -(-blocks * 512 // 65536)  # the initiator's segment size
+            assert back.pdus[-1].has_status  # status collapsed into the last Data-In
+        fua = bytes((0x2A, 0x08)) + (4).to_bytes(4, "big") + bytes((0, 0, 1, 0))
+        assert (await ini.command(fua, data=bytes(512))).status == 0
+        sync16 = bytes((0x91, 0)) + bytes(14)
+        assert (await ini.command(sync16)).status == 0
+        # 128 commands in flight at once, answered concurrently
+        cmds = [await ini.start(read10(i * 8, 8), read=4096) for i in range(128)]
+        seen = set()
+        while len(seen) < len(cmds):
+            pdu = await ini.recv()
+            if isinstance(pdu, p.DataIn) and pdu.has_status:
+                assert pdu.status == 0
+                seen.add(pdu.itt)
+        assert seen == {c.itt for c in cmds}
+        after = counters(vol)
+        assert after["upcalls"] == before["upcalls"], (before, after)
+        assert after["requests"] - before["requests"] == 8 + 2 + 128
+        # an unusual command still goes up and works
+        inq = await ini.command(bytes((0x12, 0, 0, 0, 96, 0)), read=96)
+        assert inq.status == 0 and b"TANDEM" in inq.data
+        assert counters(vol)["upcalls"] == after["upcalls"] + 1
+        ini.close()
+
+    run(scenario())
+
+
+def test_residuals_and_bad_cdbs_match_python(vol: Cluster) -> None:
+    async def scenario() -> None:
+        ini = await session(vol)
+        # READ with a smaller expected length: overflow residual, data cut
+        r = await ini.command(read10(0, 8), read=2048)
+        assert r.status == 0 and len(r.data) == 2048 and r.overflow and r.residual == 2048
+        # WRITE with more data than the CDB asks for: underflow residual
+        w = await ini.command(write10(0, 1), data=bytes(1024))
+        assert w.status == 0 and w.underflow and w.residual == 512
+        # beyond the end: Python's LBA OUT OF RANGE
+        blocks = vol.size // 512
+        r = await ini.command(read10(blocks - 1, 2), read=1024)
+        assert r.status == CHECK_CONDITION and sense_code(r) == (0x05, 0x21, 0x00)
+        # a reserved bit set: INVALID FIELD IN CDB with the field pointer
+        bad = bytearray(read10(0, 1))
+        bad[1] = 0x01
+        r = await ini.command(bytes(bad), read=512)
+        assert r.status == CHECK_CONDITION and sense_code(r) == (0x05, 0x24, 0x00)
+        ini.close()
+
+    run(scenario())
+
+
+def test_slow_mode_keeps_unit_attentions_and_reservations(vol: Cluster) -> None:
+    async def scenario() -> None:
+        a, b = await session(vol), await session(vol)
+        assert (await a.command(write10(16, 1), data=bytes(512))).status == 0
+        # b's LOGICAL UNIT RESET: a's next command reports it (29h/03h), through the engine
+        tmf = p.TaskManagementRequest(
+            immediate=True, function=p.TmfFunction.LOGICAL_UNIT_RESET, itt=b.next_itt(),
+            cmdsn=b.cmdsn, rtt=p.RESERVED_TAG,
+        )  # fmt: skip
+        await b.send(tmf)
+        rsp = await b.recv()
+        assert isinstance(rsp, p.TaskManagementResponse) and rsp.response == 0
+        r = await a.command(read10(16, 1), read=512)
+        assert r.status == CHECK_CONDITION and sense_code(r) == (0x06, 0x29, 0x03), r
+        assert (await a.command(read10(16, 1), read=512)).status == 0
+        assert (await b.command(TUR)).status == CHECK_CONDITION  # b's own reset UA too
+        # b RESERVEs: a's READ and WRITE conflict; after RELEASE they run again
+        assert (await b.command(bytes((0x16, 0, 0, 0, 0, 0)))).status == 0
+        w = await a.command(write10(16, 1), data=bytes(512))
+        assert w.status == RESERVATION_CONFLICT
+        assert (await a.command(read10(16, 1), read=512)).status == RESERVATION_CONFLICT
+        assert (await b.command(read10(16, 1), read=512)).status == 0
+        assert (await b.command(bytes((0x17, 0, 0, 0, 0, 0)))).status == 0
+        assert (await a.command(write10(16, 1), data=bytes(512))).status == 0
+        # and fast again: a's I/O adds no up-calls
+        before = counters(vol)["upcalls"]
+        for _ in range(5):
+            assert (await a.command(read10(16, 1), read=512)).status == 0
+        assert counters(vol)["upcalls"] == before
+        a.close()
+        b.close()
+
+    run(scenario())
+
+
+def test_digests_r2t_and_nop_through_the_engine(vol: Cluster) -> None:
+    async def scenario() -> None:
+        ini = await session(
+            vol, HeaderDigest="CRC32C", DataDigest="CRC32C", InitialR2T="Yes",
+            ImmediateData="No", MaxOutstandingR2T="2", MaxBurstLength="65536",
+            MaxRecvDataSegmentLength="8192",
+        )  # fmt: skip
+        assert ini.digests == (True, True)
+        data = os.urandom(512 * 1024)
+        w = await ini.command(write10(2048, 1024), data=data)
+        assert w.status == 0
+        assert sum(isinstance(x, p.R2T) for x in w.pdus) == 8  # 64 KiB bursts
+        r = await ini.command(read10(2048, 1024), read=len(data))
+        assert r.status == 0 and r.data == data
+        assert all(len(x.data) <= 8192 for x in r.pdus)
+        # a ping with data comes back (NOP-In, same data)
+        nop = p.NopOut(itt=ini.next_itt(), cmdsn=ini.next_cmdsn(), data=b"ping" * 10)
+        await ini.send(nop)
+        rsp = await ini.recv()
+        assert isinstance(rsp, p.NopIn) and rsp.itt == nop.itt and rsp.data == nop.data
+        # a Data-Out with a bad data digest: Reject, and the command fails with a CRC error
+        cmd = await ini.start(write10(0, 16), data=bytes(8192))
+        r2t = await ini.recv()
+        assert isinstance(r2t, p.R2T)
+        raw = bytearray(
+            p.encode_bytes(
+                p.DataOut(itt=cmd.itt, ttt=r2t.ttt, offset=0, final=True, data=bytes(8192)),
+                True,
+                True,
+            )
+        )
+        raw[-1] ^= 0xFF
+        await ini.send_raw(bytes(raw))
+        rej = await ini.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.DATA_DIGEST
+        res = await ini.finish(cmd)
+        assert res.status == CHECK_CONDITION and sense_code(res) == (0x0B, 0x47, 0x05)
+        # still in business
+        assert (await ini.command(read10(0, 1), read=512)).status == 0
+        # a bad header digest drops the connection; other sessions go on
+        other = await session(vol)
+        raw = bytearray(p.encode_bytes(p.NopOut(itt=ini.next_itt(), cmdsn=ini.cmdsn), True, True))
+        raw[48] ^= 0xFF
+        await ini.send_raw(bytes(raw))
+        assert await ini.closed()
+        assert (await other.command(read10(2048, 8), read=4096)).data == data[:4096]
+        other.close()
+
+    run(scenario())
+
+
+def test_broken_input_rejected_or_closed_target_stays_up(vol: Cluster) -> None:
+    async def scenario() -> None:
+        healthy = await session(vol)
+        rude = await session(vol, MaxRecvDataSegmentLength="8192")
+        # a data segment beyond what we declared: Reject, thrown away, the session goes on
+        limit = int(rude.keys["MaxRecvDataSegmentLength"])
+        big = p.NopOut(itt=rude.next_itt(), cmdsn=rude.next_cmdsn(), data=bytes(limit + 4))
+        await rude.send(big)
+        rej = await rude.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.PROTOCOL_ERROR
+        rude.cmdsn -= 1  # that CmdSN was never received
+        assert (await rude.command(read10(0, 1), read=512)).status == 0
+        # an unknown opcode and a target's own PDU: Rejects
+        await rude.send_raw(bytes([0x1C]) + bytes(47))
+        rej = await rude.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.COMMAND_NOT_SUPPORTED
+        await rude.send(p.NopIn(itt=5))
+        rej = await rude.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.COMMAND_NOT_SUPPORTED
+        # a duplicate task tag while the first is waiting for its data
+        cmd = await rude.start(write10(0, 512), data=bytes(512 * 512), unsolicited=False)
+        dup = p.ScsiCommand(itt=cmd.itt, cmdsn=rude.next_cmdsn(), read=True, edtl=512,
+                            cdb=read10(0, 1).ljust(16, b"\0"))  # fmt: skip
+        await rude.send(dup)
+        got = [await rude.recv(), await rude.recv()]
+        rej = next(x for x in got if isinstance(x, p.Reject))
+        assert rej.reason == p.RejectReason.TASK_IN_PROGRESS
+        # half a PDU, then garbage, then gone
+        await rude.send_raw(p.encode_bytes(p.NopOut(itt=9, cmdsn=rude.cmdsn))[:30])
+        await rude.send_raw(bytes(range(256)) * 64)
+        rude.close()
+        # truncated logins and junk on new connections
+        for blob in (b"\x00" * 48, b"GET / HTTP/1.0\r\n\r\n", b"\x43" * 47):
+            _, w = await asyncio.open_connection("127.0.0.1", vol.iscsi_port)
+            w.write(blob)
+            w.close()
+        assert (await healthy.command(read10(8, 8), read=4096)).status == 0
+        healthy.close()
+
+    run(scenario())
+
+
+def test_text_logout_and_reinstatement(vol: Cluster) -> None:
+    async def scenario() -> None:
+        isid = next(ISIDS)
+        first = await RawInitiator.connect(vol.iscsi_port)
+        assert (await first.login(target=IQN, isid=isid)).status_class == 0
+        # SendTargets inside a normal session
+        text = p.TextRequest(itt=first.next_itt(), cmdsn=first.next_cmdsn(), final=True,
+                             data=f"SendTargets={IQN}\0".encode())  # fmt: skip
+        await first.send(text)
+        rsp = await first.recv()
+        assert isinstance(rsp, p.TextResponse) and IQN.encode() in rsp.data
+        # the same initiator and ISID again: the old connection goes
+        second = await RawInitiator.connect(vol.iscsi_port)
+        assert (await second.login(target=IQN, isid=isid)).status_class == 0
+        assert await first.closed()
+        await second.command(TUR)
+        assert (await second.command(read10(0, 1), read=512)).status == 0
+        out = p.LogoutRequest(itt=second.next_itt(), cmdsn=second.next_cmdsn(), reason=0)
+        await second.send(out)
+        rsp = await second.recv()
+        assert isinstance(rsp, p.LogoutResponse) and rsp.response == 0
+        assert await second.closed()
+
+    run(scenario())
