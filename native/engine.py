@@ -41,7 +41,7 @@ ISCSI_CLOSE = 1
 # the target side: member modes, volume request ops and flags, NBD connection flags
 MODE_ERR, MODE_WO, MODE_RW = 0, 1, 2
 VIO_READ, VIO_WRITE, VIO_FLUSH, VIO_UNMAP, VIO_WRITE_ZEROES = 1, 2, 3, 4, 5
-VIO_FUA, VIO_NO_HOLE = 1, 2
+VIO_FUA, VIO_NO_HOLE, VIO_LOCKED = 1, 2, 4
 NBD_STRUCTURED, NBD_META_CONTEXT, NBD_READONLY = 1, 2, 4
 FRONTENDS = ("nbd", "iscsi", "internal")  # stats slots
 STAT_OPS = ("read", "write", "flush", "unmap", "write_zeroes")

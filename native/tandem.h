@@ -168,6 +168,7 @@ enum {
 enum {
     TANDEM_VIO_FUA = 1,
     TANDEM_VIO_NO_HOLE = 2,
+    TANDEM_VIO_LOCKED = 4, /* the submitter holds an exclusive lock over the range */
 };
 /* NBD connection flags (what the handshake negotiated). */
 enum {

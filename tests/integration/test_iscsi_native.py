@@ -59,6 +59,17 @@ async def session(c: Cluster, **keys: str) -> RawInitiator:
     return ini
 
 
+async def statuses(ini: RawInitiator, cmds: list[p.ScsiCommand]) -> dict[int, int]:
+    """The status of each of these commands (no Data-In, no R2T), in any order."""
+    out: dict[int, int] = {}
+    while len(out) < len(cmds):
+        pdu = await ini.recv()
+        assert isinstance(pdu, p.ScsiResponse), pdu
+        out[pdu.itt] = pdu.status
+    assert set(out) == {c.itt for c in cmds}
+    return out
+
+
 def sense_code(reply: Any) -> tuple[int, int, int]:
     return reply.sense[2] & 0x0F, reply.sense[12], reply.sense[13]
 
@@ -118,6 +129,16 @@ def test_residuals_and_bad_cdbs_match_python(vol: Cluster) -> None:
         bad[1] = 0x01
         r = await ini.command(bytes(bad), read=512)
         assert r.status == CHECK_CONDITION and sense_code(r) == (0x05, 0x24, 0x00)
+        # COMPARE AND WRITE (in Python, under an engine range lock) next to C's writes
+        old, new = os.urandom(512), os.urandom(512)
+        assert (await ini.command(write10(40, 1), data=old)).status == 0
+        caw = bytes((0x89, 0)) + (40).to_bytes(8, "big") + bytes((0, 0, 0, 1, 0, 0))
+        cmds = [await ini.start(write10(41 + i, 1), data=new) for i in range(16)]
+        cmds.insert(8, await ini.start(caw, data=old + new))
+        assert set((await statuses(ini, cmds)).values()) == {0}
+        miss = await ini.command(caw, data=old + new)
+        assert miss.status == CHECK_CONDITION and sense_code(miss) == (0x0E, 0x1D, 0x00)
+        assert (await ini.command(read10(40, 1), read=512)).data == new
         ini.close()
 
     run(scenario())
