@@ -844,6 +844,13 @@ static void send_r2ts(struct iconn *ic, struct itask *t)
 {
     if (t->xerr || (t->has_unsol && !t->unsol.done))
         return;
+    if (!t->bursts && t->next_offset < t->xlen) {
+        t->bursts = calloc(ic->p.max_outstanding_r2t, sizeof(struct burst));
+        if (!t->bursts) {
+            conn_abort(ic->c);
+            return;
+        }
+    }
     while (t->next_offset < t->xlen && t->nbursts < (int)ic->p.max_outstanding_r2t) {
         uint32_t size = t->xlen - t->next_offset;
         if (size > ic->p.max_burst_length)
@@ -886,13 +893,10 @@ static int xinit(struct iconn *ic, struct itask *t, const uint8_t *imm, uint32_t
         length = 0;
     }
     t->xlen = length;
+    /* no zeroing: a command runs only once every byte arrived (or failed, and then its
+     * data is not used) */
     t->buf = vbuf_new(length ? length : 1);
     if (!t->buf)
-        return -1;
-    memset(t->buf->data, 0, length);
-    t->bursts = calloc(ic->p.max_outstanding_r2t ? ic->p.max_outstanding_r2t : 1,
-                       sizeof(struct burst));
-    if (!t->bursts)
         return -1;
     if (n && !t->xerr) {
         if (!ic->p.immediate_data || n > (length < ic->p.first_burst_length ? length
