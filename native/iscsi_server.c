@@ -911,9 +911,6 @@ static int xinit(struct iconn *ic, struct itask *t, const uint8_t *imm, uint32_t
         t->has_unsol = 1;
         t->unsol = (struct burst){RESERVED, n, end, n, 0, n >= end};
     }
-    /* transfer.py keeps the initiator's length for `complete` even when refused */
-    if (t->xerr && !length)
-        t->xlen = t->edtl;
     return 0;
 }
 
@@ -1528,7 +1525,9 @@ static void nop_tick(struct engine *e, struct timer *tm)
 struct conn *iscsi_conn_new(struct engine *e, uint64_t id, int fd,
                             const struct tandem_iscsi_params *p, const void *pre, size_t prelen)
 {
-    if (prelen > ISCSI_RBUF / 2 || p->frontend < 0 || p->frontend >= TANDEM_FRONTENDS ||
+    /* a whole PDU must fit in the receive buffer twice over (see pump) */
+    if (prelen > ISCSI_RBUF / 2 || p->target_recv_length > ISCSI_RBUF / 2 - 4096 ||
+        p->frontend < 0 || p->frontend >= TANDEM_FRONTENDS ||
         p->cmd_window < 1 || p->cmd_window > WIN_SLOTS / 2)
         return NULL;
     struct iconn *ic = calloc(1, sizeof(*ic));

@@ -92,6 +92,8 @@ class NativeSession(Session):
             conn.abort()  # the engine finishes what is executing, then reports the close
             await conn.closed.wait()
         await super()._end(nexus_lost)
+        if isinstance(self.registry, NativeIscsiServer):
+            self.registry.refresh_slow()  # its SPC-2 reservation may be gone
 
     async def _abort_everywhere(self, lun: int | None) -> None:
         """Other sessions' tasks (this connection's were aborted by the engine already)."""
@@ -322,12 +324,12 @@ class NativeIscsiServer(IscsiServer):
         except BaseException:
             self._refuse(up)
             raise
-        slow = needs_slow(scsi, session)
-        conn.slow = slow
+        # Slow mode first (the command may have changed what any nexus sees): the engine
+        # applies it before the result, so no later command runs on stale rules.
+        self.refresh_slow()
         self.engine.iscsi_result(
-            up.conn, up.tag, result.status, bytes(result.data), result.sense, wanted, slow
+            up.conn, up.tag, result.status, bytes(result.data), result.sense, wanted
         )
-        self.refresh_slow()  # the command may have changed what other nexuses see
 
     async def _tmf(self, conn: NativeConnection, session: NativeSession, up: ne.Upcall) -> None:
         try:
@@ -340,10 +342,8 @@ class NativeIscsiServer(IscsiServer):
         cold = pdu.function == p.TmfFunction.TARGET_COLD_RESET
         cold = cold and response == p.TmfResponse.COMPLETE
         answer = p.encode_bytes(p.TaskManagementResponse(itt=pdu.itt, response=response))
-        slow = needs_slow(session.scsi, session)
-        conn.slow = slow
-        self.engine.iscsi_pdus(up.conn, up.tag, answer, ne.ISCSI_CLOSE if cold else 0, 0, slow)
-        self.refresh_slow()
+        self.refresh_slow()  # a reset is a unit attention for every nexus
+        self.engine.iscsi_pdus(up.conn, up.tag, answer, ne.ISCSI_CLOSE if cold else 0)
         if cold:
             # A cold reset ends every session of the target (RFC 7143 11.5.1).
             assert session.target is not None
