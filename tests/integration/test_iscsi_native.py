@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import urllib.request
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from tests.unit.test_iscsi_initiator import TUR, RawInitiator, read10, write10
 
 IQN = "iqn.2026-11.io.tandem:vol"
 ISIDS = iter(bytes.fromhex(f"4000013700{i:02x}") for i in range(1, 255))
-CHECK_CONDITION, RESERVATION_CONFLICT = 0x02, 0x18
+CHECK_CONDITION, RESERVATION_CONFLICT, TASK_ABORTED = 0x02, 0x18, 0x40
 
 
 @pytest.fixture(scope="module", params=["native", "python"])
@@ -276,6 +277,61 @@ def test_broken_input_rejected_or_closed_target_stays_up(vol: Cluster) -> None:
             w.write(blob)
             w.close()
         assert (await healthy.command(read10(8, 8), read=4096)).status == 0
+        healthy.close()
+
+    run(scenario())
+
+
+def test_random_pdus_never_disturb_other_sessions(vol: Cluster) -> None:
+    """Framed PDUs with random fields (opcodes, flags, tags, CmdSNs, lengths, AHSs, CDBs,
+    Data-Out offsets), a few sessions' worth: the target answers or drops them, and a
+    healthy session is served throughout (under `make asan`, without a memory error)."""
+    rng = random.Random(int(os.environ.get("TANDEM_ISCSI_FUZZ_SEED", "7")))
+    ops = [0x00, 0x01, 0x01, 0x01, 0x02, 0x04, 0x05, 0x05, 0x06, 0x10, 0x20, 0x3F, 0x1C]
+    cdbs = [0x08, 0x0A, 0x28, 0x2A, 0x88, 0x8A, 0x35, 0x91, 0x00, 0x12, 0x25, 0x89, 0x41]
+
+    def junk_pdu(ini: RawInitiator, itts: list[int]) -> bytes:
+        bhs = bytearray(rng.randbytes(48))
+        bhs[0] = rng.choice(ops) | rng.choice((0, 0x40))
+        ahs = b""
+        if rng.random() < 0.1:
+            ahs = rng.randbytes(4 * rng.randint(1, 3))
+        bhs[4] = len(ahs) // 4
+        data = rng.randbytes(rng.choice((0, 0, 1, 7, 512, 4096, 9000)))
+        bhs[5:8] = len(data).to_bytes(3, "big")
+        if rng.random() < 0.7:  # mostly plausible tags and numbers
+            itt = rng.choice(itts) if itts and rng.random() < 0.5 else ini.next_itt()
+            itts.append(itt)
+            bhs[16:20] = itt.to_bytes(4, "big")
+            bhs[24:28] = ini.next_cmdsn().to_bytes(4, "big")
+            bhs[8:16] = bytes(8)
+            bhs[20:24] = rng.choice((0, 512, 4096, 65536, 1 << 20)).to_bytes(4, "big")
+            bhs[40:44] = rng.choice((0, 512, 4096, 70000)).to_bytes(4, "big")
+        if bhs[0] & 0x3F == 0x01:  # commands that change no state beyond the test's reach
+            bhs[32] = rng.choice(cdbs)
+        if bhs[0] & 0x3F == 0x02:  # no TARGET COLD RESET: it ends every session, rightly
+            bhs[1] = 0x80 | rng.choice((1, 2, 3, 4, 5, 6, 8, 0x55))
+        return bytes(bhs) + ahs + data + bytes(p.pad4(len(data)))
+
+    async def scenario() -> None:
+        healthy = await session(vol)
+        for _ in range(4):
+            rude = await RawInitiator.connect(vol.iscsi_port)
+            await rude.login(target=IQN, isid=next(ISIDS), MaxRecvDataSegmentLength="8192")
+            itts: list[int] = []
+            try:
+                for _ in range(150):
+                    await rude.send_raw(junk_pdu(rude, itts))
+            except ConnectionError:
+                pass  # e.g. a logout that closed the session
+            rude.close()
+            for _ in range(50):  # resets the junk asked for: aborted tasks, unit attentions
+                r = await healthy.command(read10(0, 8), read=4096)
+                ua = r.status == CHECK_CONDITION and sense_code(r)[0] == 0x06
+                if not ua and r.status != TASK_ABORTED:
+                    break
+                await asyncio.sleep(0.02)
+            assert r.status == 0, r
         healthy.close()
 
     run(scenario())
