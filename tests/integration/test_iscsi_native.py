@@ -371,6 +371,21 @@ def test_abort_task_waits_for_data_then_held_cmdsn(vol: Cluster) -> None:
     run(scenario())
 
 
+def test_idle_initiator_is_probed_with_nop_in(vol: Cluster) -> None:
+    """The target's keepalive (5 s of silence): a NOP-In that wants an answer."""
+
+    async def scenario() -> None:
+        ini = await session(vol)
+        ping = await ini.recv(timeout=10)
+        assert isinstance(ping, p.NopIn) and ping.itt == p.RESERVED_TAG, ping
+        assert ping.ttt != p.RESERVED_TAG
+        await ini.send(p.NopOut(immediate=True, ttt=ping.ttt, cmdsn=ini.cmdsn))
+        assert (await ini.command(read10(0, 1), read=512)).status == 0
+        ini.close()
+
+    run(scenario())
+
+
 def test_text_logout_and_reinstatement(vol: Cluster) -> None:
     async def scenario() -> None:
         isid = next(ISIDS)
