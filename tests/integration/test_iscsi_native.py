@@ -115,6 +115,10 @@ def test_steady_state_read_write_runs_no_python(vol: Cluster) -> None:
         if after is not None:
             assert counters(vol) == {**after, "upcalls": after["upcalls"] + 1,
                                      "requests": after["requests"] + 1}  # fmt: skip
+            with urllib.request.urlopen(vol.api + "/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            line = 'tandem_engine_frontend_upcalls_total{frontend="iscsi",volume="vol"} '
+            assert line + f"{after['upcalls'] + 1}.0" in metrics, metrics[-2000:]
         ini.close()
 
     run(scenario())
