@@ -202,10 +202,8 @@ class NativeConnection(Connection):
         server = self.server
         params = self.params
         eid = next(server.ids)
-        self.eid = eid
-        server.conns[eid] = self
         self.slow = True
-        self.engine.iscsi_add(
+        self.engine.iscsi_add(  # raises (fd closed) if the engine cannot take it
             eid,
             fd,
             {
@@ -229,6 +227,8 @@ class NativeConnection(Connection):
             },
             pending,
         )
+        self.eid = eid
+        server.conns[eid] = self
 
 
 class NativeIscsiServer(IscsiServer):
