@@ -130,6 +130,14 @@ struct iconn {
     int slow, logging_out, stopping, pumping, repump;
     uint64_t next_id;
     uint64_t skip;
+    /* a Data-Out segment being received straight into its command's buffer */
+    struct {
+        int active, done;
+        uint8_t bhs[BHS];
+        struct vbuf *buf; /* held: the command may end meanwhile */
+        uint8_t *dst;
+        uint32_t len, tail; /* tail: pad and data digest still to come through rbuf */
+    } direct;
     int nupcalls; /* up-calls Python has not answered */
     int nexec;    /* tasks executing (volume I/O or up-call) */
     struct itask *hash[HASH_SIZE];
@@ -949,7 +957,7 @@ static int xdata(struct iconn *ic, struct itask *t, const uint8_t *h, const uint
         xfail(t, S_DATA_OFFSET);
     else if ((uint64_t)offset + len > b->end)
         xfail(t, S_TOO_MUCH);
-    else if (!t->xerr)
+    else if (!t->xerr && data != t->buf->data + offset) /* unless received in place */
         memcpy(t->buf->data + offset, data, len);
     b->next_datasn++;
     b->next_offset = offset + len;
@@ -1354,6 +1362,70 @@ static void handle_pdu(struct iconn *ic, const uint8_t *h, const uint8_t *ahs, u
     }
 }
 
+#define DIRECT_MIN (64u << 10)
+
+/* A large Data-Out segment for a command collecting data goes straight into the command's
+ * buffer at its offset (no copy out of rbuf); 1 if started. The checks of xdata() still run
+ * once it is in: data that breaks them fails the command, so where it landed is unused. */
+static int direct_start(struct iconn *ic, const uint8_t *h, size_t dstart, uint32_t dlen,
+                        size_t tail)
+{
+    struct conn *c = ic->c;
+    if ((h[0] & 0x3F) != OP_DATA_OUT || dlen < DIRECT_MIN || h[4])
+        return 0;
+    struct itask *t = find_task(ic, ld32(h + 16));
+    uint32_t off = ld32(h + 40);
+    if (!t || !t->buf || t->xerr || (t->state != T_HELD && t->state != T_COLLECT) ||
+        off > t->xlen || dlen > t->xlen - off)
+        return 0;
+    memcpy(ic->direct.bhs, h, BHS);
+    ic->direct.buf = vbuf_get(t->buf);
+    ic->direct.dst = t->buf->data + off;
+    ic->direct.len = dlen;
+    ic->direct.tail = (uint32_t)(tail - dlen);
+    ic->direct.active = 1;
+    ic->direct.done = 0;
+    c->rpos += dstart;
+    if (conn_recv_direct(c, ic->direct.dst, dlen))
+        ic->direct.done = 1;
+    return 1;
+}
+
+/* The segment is in and its pad and digest are in rbuf: take it like any Data-Out. */
+static void direct_finish(struct iconn *ic)
+{
+    struct conn *c = ic->c;
+    const uint8_t *rest = c->rbuf + c->rpos;
+    uint32_t pad = -ic->direct.len & 3;
+    int ok = 1;
+    if (ic->p.data_digest) {
+        uint32_t crc = tandem_crc32c(0, ic->direct.dst, ic->direct.len);
+        if (pad)
+            crc = tandem_crc32c(crc, rest, pad);
+        ok = rd_le32(rest + pad) == crc;
+    }
+    c->rpos += ic->direct.tail;
+    ic->direct.active = 0;
+    struct vbuf *b = ic->direct.buf;
+    ic->direct.buf = NULL;
+    struct itask *t = find_task(ic, ld32(ic->direct.bhs + 16));
+    if (!ok)
+        send_reject(ic, RJ_DATA_DIGEST, ic->direct.bhs);
+    if (t && t->buf == b) /* still the command it was received for */
+        data_out(ic, ic->direct.bhs, ic->direct.dst, ic->direct.len, ok);
+    vbuf_put(b);
+}
+
+static void direct_drop(struct iconn *ic)
+{
+    if (!ic->direct.active)
+        return;
+    ic->c->dbuf = NULL;
+    vbuf_put(ic->direct.buf);
+    ic->direct.buf = NULL;
+    ic->direct.active = 0;
+}
+
 static int can_parse(const struct iconn *ic)
 {
     const struct conn *c = ic->c;
@@ -1373,6 +1445,12 @@ static void pump(struct iconn *ic)
         ic->repump = 0;
         while (can_parse(ic)) {
             size_t avail = c->rend - c->rpos;
+            if (ic->direct.active) {
+                if (!ic->direct.done || avail < ic->direct.tail)
+                    break;
+                direct_finish(ic);
+                continue;
+            }
             if (ic->skip) { /* an oversize segment, thrown away as it arrives */
                 size_t n = avail < ic->skip ? avail : (size_t)ic->skip;
                 c->rpos += n;
@@ -1410,8 +1488,11 @@ static void pump(struct iconn *ic)
                 send_reject(ic, RJ_PROTOCOL_ERROR, bhs);
                 continue;
             }
-            if (avail < dstart + tail)
+            if (avail < dstart + tail) {
+                if (direct_start(ic, h, dstart, dlen, tail))
+                    continue;
                 break;
+            }
             const uint8_t *data = h + dstart;
             int bad = ic->p.data_digest && dlen &&
                       rd_le32(data + padded) != tandem_crc32c(0, data, padded);
@@ -1434,10 +1515,19 @@ static void ic_on_data(struct conn *c)
     pump(ic);
 }
 
+static void ic_on_direct(struct conn *c)
+{
+    struct iconn *ic = c->proto;
+    ic->last_rx = mono_ns();
+    ic->direct.done = 1;
+    pump(ic);
+}
+
 static void ic_on_eof(struct conn *c, int err)
 {
     struct iconn *ic = c->proto;
     ic->stopping = 1;
+    direct_drop(ic); /* the peer left in the middle of a segment */
     timer_cancel(&ic->nop);
     if (err) {
         conn_abort(c);
@@ -1474,6 +1564,8 @@ static void ic_on_destroy(struct conn *c)
 {
     struct iconn *ic = c->proto;
     timer_cancel(&ic->nop);
+    if (ic->direct.buf)
+        vbuf_put(ic->direct.buf);
     free_all_tasks(ic);
     struct tandem_event ev = {.type = TANDEM_EV_CONN_CLOSED, .conn = c->id};
     eng_event(ic->e, &ev);
@@ -1482,6 +1574,7 @@ static void ic_on_destroy(struct conn *c)
 
 static const struct conn_ops iscsi_conn_ops = {
     .on_data = ic_on_data,
+    .on_direct = ic_on_direct,
     .on_eof = ic_on_eof,
     .on_sent = ic_on_sent,
     .on_destroy = ic_on_destroy,

@@ -214,12 +214,13 @@ def test_digests_r2t_and_nop_through_the_engine(vol: Cluster) -> None:
         rsp = await ini.recv()
         assert isinstance(rsp, p.NopIn) and rsp.itt == nop.itt and rsp.data == nop.data
         # a Data-Out with a bad data digest: Reject, and the command fails with a CRC error
-        cmd = await ini.start(write10(0, 16), data=bytes(8192))
+        # (64 KiB: large enough to be received straight into the command's buffer)
+        cmd = await ini.start(write10(0, 128), data=bytes(65536))
         r2t = await ini.recv()
         assert isinstance(r2t, p.R2T)
         raw = bytearray(
             p.encode_bytes(
-                p.DataOut(itt=cmd.itt, ttt=r2t.ttt, offset=0, final=True, data=bytes(8192)),
+                p.DataOut(itt=cmd.itt, ttt=r2t.ttt, offset=0, final=True, data=bytes(65536)),
                 True,
                 True,
             )
