@@ -63,7 +63,8 @@ perf: setup
 # driving qemu tools are left out: qemu's coroutines hang under the inherited preload.
 ASAN_REPORT := $(CURDIR)/build/asan/report
 ASAN_TESTS := tests/unit/test_engine_*.py tests/integration/test_engine_*.py \
-	tests/integration/test_replica_server.py tests/integration/test_faults.py
+	tests/integration/test_replica_server.py tests/integration/test_faults.py \
+	tests/integration/test_iscsi_native.py
 asan: setup
 	$(BIN)/python native/build.py --asan
 	@rm -f $(ASAN_REPORT).*

@@ -18,6 +18,7 @@ SOURCES = [
     "replica_server.c",
     "target.c",
     "nbd_server.c",
+    "iscsi_server.c",
     "bench_client.c",
 ]
 WARNINGS = ["-Wall", "-Wextra", "-Werror"]

@@ -44,6 +44,11 @@ enum {
     CMD_T_QOS,
     CMD_T_SUBMIT,
     CMD_NBD_STOP,
+    CMD_ISCSI_RESULT,
+    CMD_ISCSI_PDUS,
+    CMD_ISCSI_SLOW,
+    CMD_ISCSI_ABORT,
+    CMD_ISCSI_STOP,
 };
 
 struct cmd {
@@ -81,6 +86,12 @@ struct cmd {
     uint64_t mcount;
     uint8_t *map;
     const void *ptr;
+    /* iSCSI */
+    struct tandem_iscsi_params ip;
+    void *data2;
+    size_t len2;
+    int64_t wanted;
+    int status, slow;
 };
 
 /* --- clocks and timers --------------------------------------------------------------------- */
@@ -625,6 +636,8 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
             c->refs++;
             if (c->kind == TANDEM_CONN_NBD && c->state != CONN_DEAD)
                 nbd_stop(e, c);
+            if (c->kind == TANDEM_CONN_ISCSI)
+                iscsi_stop(e, c);
             conn_abort(c);
             p = p->next;
             conn_put(c);
@@ -645,6 +658,8 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         } else if (!e->stopping && cmd->kind == TANDEM_CONN_NBD && e->vol) {
             c = nbd_conn_new(e, cmd->id, cmd->fd, cmd->flags, cmd->size, cmd->frontend,
                              cmd->data, cmd->len);
+        } else if (!e->stopping && cmd->kind == TANDEM_CONN_ISCSI && e->vol) {
+            c = iscsi_conn_new(e, cmd->id, cmd->fd, &cmd->ip, cmd->data, cmd->len);
         }
         if (!c) {
             close(cmd->fd);
@@ -682,6 +697,43 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         struct conn *c = conn_find(e, cmd->id);
         if (c && c->kind == TANDEM_CONN_NBD)
             nbd_stop(e, c);
+        break;
+    }
+    case CMD_ISCSI_RESULT:
+    case CMD_ISCSI_PDUS: {
+        /* even to a dead connection: the up-call holds it until answered */
+        struct conn *c = conn_find_any(e, cmd->id);
+        if (c && c->kind == TANDEM_CONN_ISCSI) {
+            c->refs++;
+            if (cmd->type == CMD_ISCSI_RESULT) {
+                iscsi_result(e, c, cmd->epoch, cmd->status, cmd->data, cmd->len, cmd->data2,
+                             cmd->len2, cmd->wanted, cmd->slow);
+                cmd->data = NULL; /* the handler's now */
+            } else {
+                iscsi_pdus(e, c, cmd->epoch, cmd->data, cmd->len, cmd->flags, cmd->length,
+                           cmd->slow);
+            }
+            conn_put(c);
+        }
+        break;
+    }
+    case CMD_ISCSI_SLOW:
+    case CMD_ISCSI_ABORT:
+    case CMD_ISCSI_STOP: {
+        struct conn *c = conn_find(e, cmd->id);
+        if (!c || c->kind != TANDEM_CONN_ISCSI) {
+            if (cmd->type == CMD_ISCSI_ABORT)
+                eng_done(e, cmd->epoch, 0); /* gone: nothing left to abort */
+            break;
+        }
+        c->refs++;
+        if (cmd->type == CMD_ISCSI_SLOW)
+            iscsi_set_slow(e, c, cmd->slow);
+        else if (cmd->type == CMD_ISCSI_ABORT)
+            iscsi_abort(e, c, cmd->epoch, cmd->wanted, cmd->status);
+        else
+            iscsi_stop(e, c);
+        conn_put(c);
         break;
     }
     case CMD_T_SETUP:
@@ -730,6 +782,7 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         break;
     }
     free(cmd->data);
+    free(cmd->data2);
     free(cmd);
 }
 
@@ -927,6 +980,7 @@ void tandem_engine_free(tandem_engine *e)
         if (c->type == CMD_CONN_ADD || c->type == CMD_T_ATTACH)
             close(c->fd);
         free(c->data);
+        free(c->data2);
         free(c);
     }
     for (size_t i = 0; i < e->evn; i++)
@@ -1284,3 +1338,109 @@ int tandem_nbd_stop(tandem_engine *e, uint64_t conn)
 }
 
 struct tandem_target_stats *tandem_target_stats(tandem_engine *e) { return &e->tstats; }
+
+int tandem_iscsi_add(tandem_engine *e, uint64_t conn, int fd,
+                     const struct tandem_iscsi_params *params, const void *pre, size_t prelen)
+{
+    struct cmd *c = new_cmd(CMD_CONN_ADD);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->fd = fd;
+    c->kind = TANDEM_CONN_ISCSI;
+    c->ip = *params;
+    if (prelen) {
+        c->data = malloc(prelen);
+        if (!c->data) {
+            free(c);
+            return -ENOMEM;
+        }
+        memcpy(c->data, pre, prelen);
+        c->len = prelen;
+    }
+    return push_cmd(e, c);
+}
+
+static void *dup_bytes(const void *p, size_t n)
+{
+    void *d = malloc(n ? n : 1);
+    if (d && n)
+        memcpy(d, p, n);
+    return d;
+}
+
+int tandem_iscsi_result(tandem_engine *e, uint64_t conn, uint64_t tag, int status,
+                        const void *data, size_t len, const void *sense, size_t slen,
+                        int64_t wanted, int slow)
+{
+    struct cmd *c = new_cmd(CMD_ISCSI_RESULT);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->epoch = tag;
+    c->status = status;
+    c->data = dup_bytes(data, len);
+    c->len = len;
+    c->data2 = dup_bytes(sense, slen);
+    c->len2 = slen;
+    c->wanted = wanted;
+    c->slow = slow;
+    if (!c->data || !c->data2) {
+        free(c->data);
+        free(c->data2);
+        free(c);
+        return -ENOMEM;
+    }
+    return push_cmd(e, c);
+}
+
+int tandem_iscsi_pdus(tandem_engine *e, uint64_t conn, uint64_t tag, const void *pdus,
+                      size_t len, int flags, uint32_t recv_length, int slow)
+{
+    struct cmd *c = new_cmd(CMD_ISCSI_PDUS);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->epoch = tag;
+    c->data = dup_bytes(pdus, len);
+    if (!c->data) {
+        free(c);
+        return -ENOMEM;
+    }
+    c->len = len;
+    c->flags = flags;
+    c->length = recv_length;
+    c->slow = slow;
+    return push_cmd(e, c);
+}
+
+int tandem_iscsi_slow(tandem_engine *e, uint64_t conn, int slow)
+{
+    struct cmd *c = new_cmd(CMD_ISCSI_SLOW);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->slow = slow;
+    return push_cmd(e, c);
+}
+
+int tandem_iscsi_abort(tandem_engine *e, uint64_t conn, uint64_t id, int64_t lun, int status)
+{
+    struct cmd *c = new_cmd(CMD_ISCSI_ABORT);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    c->epoch = id;
+    c->wanted = lun;
+    c->status = status;
+    return push_cmd(e, c);
+}
+
+int tandem_iscsi_stop(tandem_engine *e, uint64_t conn)
+{
+    struct cmd *c = new_cmd(CMD_ISCSI_STOP);
+    if (!c)
+        return -ENOMEM;
+    c->id = conn;
+    return push_cmd(e, c);
+}

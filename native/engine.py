@@ -32,11 +32,16 @@ EV_MEMBER_DOWN = 10
 
 CONN_REPLICA_SERVER = 1
 CONN_NBD = 2
+CONN_ISCSI = 4
+
+# iSCSI up-call kinds (Upcall.op) and answer flags
+ISCSI_UP_SCSI, ISCSI_UP_TMF, ISCSI_UP_TEXT, ISCSI_UP_LOGOUT = 1, 2, 3, 4
+ISCSI_CLOSE = 1
 
 # the target side: member modes, volume request ops and flags, NBD connection flags
 MODE_ERR, MODE_WO, MODE_RW = 0, 1, 2
 VIO_READ, VIO_WRITE, VIO_FLUSH, VIO_UNMAP, VIO_WRITE_ZEROES = 1, 2, 3, 4, 5
-VIO_FUA, VIO_NO_HOLE = 1, 2
+VIO_FUA, VIO_NO_HOLE, VIO_LOCKED = 1, 2, 4
 NBD_STRUCTURED, NBD_META_CONTEXT, NBD_READONLY = 1, 2, 4
 FRONTENDS = ("nbd", "iscsi", "internal")  # stats slots
 STAT_OPS = ("read", "write", "flush", "unmap", "write_zeroes")
@@ -485,6 +490,86 @@ class Engine:
         if self._eng is not None:
             lib.tandem_nbd_stop(self._eng, conn)
 
+    # --- iSCSI (native/iscsi_server.c) -------------------------------------------------------
+
+    def iscsi_add(self, conn: int, fd: int, params: dict[str, Any], pre: bytes = b"") -> None:
+        """Hand over a logged-in iSCSI connection (blocking mode); params: the fields of
+        struct tandem_iscsi_params."""
+        if self._eng is None:
+            os.close(fd)
+            raise OSError(errno.ESHUTDOWN, "the engine stopped")
+        p = ffi.new("struct tandem_iscsi_params *", params)
+        rc = lib.tandem_iscsi_add(self._eng, conn, fd, p, pre, len(pre))
+        if rc < 0:
+            os.close(fd)
+            self._check(rc, "add iSCSI connection")
+
+    def iscsi_result(
+        self,
+        conn: int,
+        tag: int,
+        status: int,
+        data: bytes,
+        sense: bytes,
+        wanted: int | None,
+        slow: bool | None = None,
+    ) -> None:
+        """The result of an up-called SCSI command."""
+        if self._eng is None:
+            return
+        rc = lib.tandem_iscsi_result(
+            self._eng,
+            conn,
+            tag,
+            status,
+            data,
+            len(data),
+            sense,
+            len(sense),
+            -1 if wanted is None else wanted,
+            -1 if slow is None else int(slow),
+        )
+        self._check(rc, "iSCSI result")
+
+    def iscsi_pdus(
+        self,
+        conn: int,
+        tag: int,
+        pdus: bytes,
+        flags: int = 0,
+        recv_length: int = 0,
+        slow: bool | None = None,
+    ) -> None:
+        """Answer a TMF/Text/Logout up-call with encoded PDUs (sequence numbers and
+        digests are the engine's to fill in)."""
+        if self._eng is None:
+            return
+        rc = lib.tandem_iscsi_pdus(
+            self._eng, conn, tag, pdus, len(pdus), flags, recv_length,
+            -1 if slow is None else int(slow),
+        )  # fmt: skip
+        self._check(rc, "iSCSI PDUs")
+
+    def iscsi_slow(self, conn: int, slow: bool) -> None:
+        if self._eng is not None:
+            self._check(lib.tandem_iscsi_slow(self._eng, conn, int(slow)), "iSCSI slow mode")
+
+    def iscsi_abort(self, conn: int, lun: int | None, status: int | None) -> asyncio.Future[None]:
+        """Abort the connection's tasks (on lun, or all), answering each with status (or
+        not at all); done once those executing are over."""
+        rid, fut = self._request()
+        rc = lib.tandem_iscsi_abort(
+            self._live, conn, rid, -1 if lun is None else lun, -1 if status is None else status
+        )
+        if rc < 0:
+            self._forget(rid)
+            self._check(rc, "iSCSI abort")
+        return fut
+
+    def iscsi_stop(self, conn: int) -> None:
+        if self._eng is not None:
+            lib.tandem_iscsi_stop(self._eng, conn)
+
     def target_stats(self) -> dict[str, Any]:
         """The engine's target-side counters (a snapshot; the last one once closed)."""
         if self._eng is None:
@@ -512,4 +597,6 @@ class Engine:
             "drops": s.drops,
             "drop_seq": s.drop_seq,
             "stable_seq": s.stable_seq,
+            "frontend_requests": dict(zip(FRONTENDS, s.fe_requests, strict=False)),
+            "frontend_upcalls": dict(zip(FRONTENDS, s.fe_upcalls, strict=False)),
         }

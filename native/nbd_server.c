@@ -466,6 +466,7 @@ static void upcall(struct nconn *nc, const uint8_t *hdr, uint16_t type, uint16_t
     nc->nupcalls++;
     conn_get(c);
     nc->e->tstats.upcalls++;
+    nc->e->tstats.fe_upcalls[nc->frontend]++;
     eng_event(nc->e, &ev);
 }
 
@@ -479,6 +480,7 @@ static void nc_request(struct nconn *nc, const uint8_t *hdr, struct vbuf *buf)
     uint32_t length = ld32(hdr + 24);
     const uint8_t *handle = hdr + 8;
     nc->e->tstats.requests++;
+    nc->e->tstats.fe_requests[nc->frontend]++;
     int allowed = allowed_flags(type);
     if (allowed < 0) {
         vbuf_put(buf);
@@ -604,6 +606,7 @@ static void nc_pump(struct nconn *nc)
             if (length > MAX_BLOCK_SIZE) {
                 /* the doc allows a hard disconnect; discarding keeps the stream in sync */
                 nc->e->tstats.requests++;
+                nc->e->tstats.fe_requests[nc->frontend]++;
                 memcpy(nc->skip_handle, h + 8, 8);
                 nc->skip_len = length;
                 nc->skip = length;

@@ -57,6 +57,7 @@ enum {
     TANDEM_CONN_REPLICA_SERVER = 1, /* serves the replica data protocol (replica/protocol.py) */
     TANDEM_CONN_NBD = 2,            /* an NBD client in transmission (tandem_nbd_add) */
     TANDEM_CONN_MEMBER = 3,         /* a target's data connection to a replica (tandem_member_attach) */
+    TANDEM_CONN_ISCSI = 4,          /* an iSCSI connection in full feature phase (tandem_iscsi_add) */
 };
 
 /* Epoch actions of tandem_conn_reply. */
@@ -167,6 +168,7 @@ enum {
 enum {
     TANDEM_VIO_FUA = 1,
     TANDEM_VIO_NO_HOLE = 2,
+    TANDEM_VIO_LOCKED = 4, /* the submitter holds an exclusive lock over the range */
 };
 /* NBD connection flags (what the handshake negotiated). */
 enum {
@@ -200,6 +202,8 @@ struct tandem_target_stats {
     uint64_t drops;                /* members dropped */
     uint64_t drop_seq;             /* drops that need a generation bump, so far */
     uint64_t stable_seq;           /* ... of which Python's bumps covered */
+    uint64_t fe_requests[4];       /* [TANDEM_FRONTENDS]: requests (NBD, SCSI commands) parsed */
+    uint64_t fe_upcalls[4];        /* ... of them handed to Python */
 };
 
 /* The volume: size, quorum base, deadlines (seconds; the bare quorum of RW members gets
@@ -246,6 +250,65 @@ int tandem_nbd_add(tandem_engine *e, uint64_t conn, int fd, int flags, uint64_t 
 /* Stop reading from an NBD connection, answer what is in flight, then close it. */
 int tandem_nbd_stop(tandem_engine *e, uint64_t conn);
 struct tandem_target_stats *tandem_target_stats(tandem_engine *e);
+
+/* --- iSCSI's full feature phase (native/iscsi_server.c) --------------------------------- */
+
+/* Up-call kinds (tandem_event.op) of an iSCSI connection: the event's data is the request's
+ * BHS (+ AHS for SCSI; `offset` is their length) then the Data-Out or the data segment. */
+enum {
+    TANDEM_ISCSI_UP_SCSI = 1,   /* a SCSI command for ScsiTarget: answer with tandem_iscsi_result */
+    TANDEM_ISCSI_UP_TMF = 2,    /* flags: 1 when ABORT TASK found its task; tandem_iscsi_pdus */
+    TANDEM_ISCSI_UP_TEXT = 3,
+    TANDEM_ISCSI_UP_LOGOUT = 4,
+};
+/* tandem_iscsi_pdus flags */
+enum {
+    TANDEM_ISCSI_CLOSE = 1, /* close the connection once these PDUs are sent */
+};
+
+/* What the login negotiated, and where the session's numbering stands. */
+struct tandem_iscsi_params {
+    uint32_t statsn;     /* the next StatSN */
+    uint32_t expcmdsn;   /* the session's ExpCmdSN */
+    uint32_t cmd_window; /* commands in flight (MaxCmdSN = ExpCmdSN - 1 + window - running) */
+    uint32_t initiator_recv_length; /* the initiator's MaxRecvDataSegmentLength: what we send */
+    uint32_t target_recv_length;    /* ours: what we accept */
+    uint32_t max_burst_length;
+    uint32_t first_burst_length;
+    uint32_t max_outstanding_r2t;
+    uint32_t max_data_transfer; /* a command's Data-Out beyond this is refused */
+    uint8_t header_digest;
+    uint8_t data_digest;
+    uint8_t initial_r2t;
+    uint8_t immediate_data;
+    uint16_t cid;
+    uint16_t reserved;
+    int32_t frontend; /* stats slot */
+    double nop_interval; /* seconds of silence before a NOP-In probe; 0: none */
+    double nop_timeout;  /* an initiator silent this long after a probe is dropped */
+};
+
+/* Adopt a logged-in iSCSI connection (blocking mode) with the bytes Python read past the
+ * login. It starts in slow mode (every SCSI command up) until Python says otherwise. */
+int tandem_iscsi_add(tandem_engine *e, uint64_t conn, int fd,
+                     const struct tandem_iscsi_params *params, const void *pre, size_t prelen);
+/* The result of an up-called SCSI command: status, Data-In, sense, the Data-Out its CDB
+ * transfers (-1: unknown), slow mode afterwards (-1: unchanged). */
+int tandem_iscsi_result(tandem_engine *e, uint64_t conn, uint64_t tag, int status,
+                        const void *data, size_t len, const void *sense, size_t slen,
+                        int64_t wanted, int slow);
+/* The answer to a TMF/Text/Logout up-call: encoded PDUs (no digests; StatSN, ExpCmdSN and
+ * MaxCmdSN are filled in), flags TANDEM_ISCSI_*, the initiator's new
+ * MaxRecvDataSegmentLength (0: unchanged), slow mode (-1: unchanged). */
+int tandem_iscsi_pdus(tandem_engine *e, uint64_t conn, uint64_t tag, const void *pdus,
+                      size_t len, int flags, uint32_t recv_length, int slow);
+/* Send every SCSI command of the connection up (1) or run READ/WRITE/SYNC in C (0). */
+int tandem_iscsi_slow(tandem_engine *e, uint64_t conn, int slow);
+/* Abort the connection's tasks on lun (-1: all), answering each with status (-1: none);
+ * TANDEM_EV_DONE id once those executing are over. */
+int tandem_iscsi_abort(tandem_engine *e, uint64_t conn, uint64_t id, int64_t lun, int status);
+/* Stop reading, finish what is in flight, then close. */
+int tandem_iscsi_stop(tandem_engine *e, uint64_t conn);
 
 /* --- a tiny pipelined replica-protocol client for benchmarks (native/bench_replica.py) --- */
 

@@ -625,7 +625,8 @@ static void vio_start(struct vol *vol, struct vio *v)
         uint64_t end = v->offset + v->length;
         v->lo = v->offset / TBLOCK * TBLOCK;
         v->hi = (end + TBLOCK - 1) / TBLOCK * TBLOCK;
-        if (blocked_by_xlock(vol, v->lo, v->hi)) {
+        /* LOCKED: Python's write under its own exclusive lock (COMPARE AND WRITE) */
+        if (!(v->flags & TANDEM_VIO_LOCKED) && blocked_by_xlock(vol, v->lo, v->hi)) {
             v->state = VS_LOCK;
             list_add_tail(&vol->lock_wait, &v->link);
             return;

@@ -75,6 +75,17 @@ struct conn *nbd_conn_new(struct engine *e, uint64_t id, int fd, int flags, uint
 void nbd_reply(struct engine *e, struct conn *c, void *data, size_t len, int end);
 void nbd_stop(struct engine *e, struct conn *c);
 
+/* iscsi_server.c */
+struct conn *iscsi_conn_new(struct engine *e, uint64_t id, int fd,
+                            const struct tandem_iscsi_params *p, const void *pre, size_t prelen);
+void iscsi_result(struct engine *e, struct conn *c, uint64_t tag, int status, void *data,
+                  size_t len, const void *sense, size_t slen, int64_t wanted, int slow);
+void iscsi_pdus(struct engine *e, struct conn *c, uint64_t tag, const uint8_t *pdus, size_t len,
+                int flags, uint32_t recv_length, int slow);
+void iscsi_set_slow(struct engine *e, struct conn *c, int slow);
+void iscsi_abort(struct engine *e, struct conn *c, uint64_t id, int64_t lun, int status);
+void iscsi_stop(struct engine *e, struct conn *c);
+
 /* target.c: the commands */
 int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
                  double timeout, double timeout_last, const char *name);

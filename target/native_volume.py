@@ -20,6 +20,7 @@ from target.qos import LIMITS, QosLimits
 from target.stats import _BUCKETS, OPS
 
 if TYPE_CHECKING:
+    from target.native_iscsi import NativeIscsiServer
     from target.native_nbd import NativeNbdServer
     from target.native_replicator import NativeReplicator
 
@@ -27,28 +28,37 @@ log = logging.getLogger("tandem.engine")
 
 
 class TargetEvents(ne.EngineHandler):
-    """Routes the engine's events: member drops to the replicator, NBD up-calls and
-    connection ends to the NBD server, log lines to logging."""
+    """Routes the engine's events: member drops to the replicator, up-calls and connection
+    ends to the NBD or iSCSI server (by connection id), log lines to logging."""
 
     def __init__(self) -> None:
         self.replicator: NativeReplicator | None = None
         self.nbd: NativeNbdServer | None = None
+        self.iscsi: NativeIscsiServer | None = None
+
+    def _server(self, conn: int) -> Any:
+        from target.native_iscsi import CONN_ID_BASE
+
+        return self.iscsi if conn > CONN_ID_BASE else self.nbd
 
     def on_member_down(self, slot: int, seq: int, was: int, gen: int, why: str) -> None:
         if self.replicator is not None:
             self.replicator.member_down(slot, seq, was, gen, why)
 
     def on_upcall(self, up: ne.Upcall) -> None:
-        if self.nbd is not None:
-            self.nbd.upcall(up)
+        server = self._server(up.conn)
+        if server is not None:
+            server.upcall(up)
 
     def on_conn_closed(self, conn: int) -> None:
-        if self.nbd is not None:
-            self.nbd.conn_closed(conn)
+        server = self._server(conn)
+        if server is not None:
+            server.conn_closed(conn)
 
     def on_proto_error(self, conn: int, message: str) -> None:
-        if self.nbd is not None:
-            self.nbd.proto_error(conn, message)
+        server = self._server(conn)
+        if server is not None:
+            server.proto_error(conn, message)
 
     def on_log(self, level: int, message: str) -> None:
         log.log(level, "%s", message)
@@ -138,9 +148,12 @@ class NativeQos:
 class NativeMetrics:
     """The tandem_volume_* I/O families of target/stats.py, from the counters above."""
 
-    def __init__(self, volume: str, frontends: dict[str, Any]) -> None:
+    def __init__(
+        self, volume: str, frontends: dict[str, Any], engine: ne.Engine | None = None
+    ) -> None:
         self.volume = volume
         self.frontends = frontends  # name -> EngineDevice (with .stats)
+        self.engine = engine
 
     def collect(self) -> Any:
         labels = ["volume", "frontend", "op"]
@@ -165,6 +178,23 @@ class NativeMetrics:
         yield nbytes
         yield errors
         yield latency
+        if self.engine is not None:
+            st = self.engine.target_stats()
+            requests = CounterMetricFamily(
+                "tandem_engine_frontend_requests",
+                "Frontend requests the native engine parsed",
+                labels=["volume", "frontend"],
+            )
+            upcalls = CounterMetricFamily(
+                "tandem_engine_frontend_upcalls",
+                "Of them, requests the engine handed to Python",
+                labels=["volume", "frontend"],
+            )
+            for fe in ("nbd", "iscsi"):
+                requests.add_metric([self.volume, fe], st["frontend_requests"][fe])
+                upcalls.add_metric([self.volume, fe], st["frontend_upcalls"][fe])
+            yield requests
+            yield upcalls
 
     def stats(self) -> dict[str, Any]:
         return {

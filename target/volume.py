@@ -85,7 +85,7 @@ class Volume:
             self.replicator: Replicator = NativeReplicator(self.engine, *args, **kw)
             self._events.replicator = self.replicator  # type: ignore[assignment]
             self.qos: Any = NativeQos(self.engine, opts.qos)
-            self.registry.register(NativeMetrics(self.name, self.frontends))  # type: ignore[arg-type]
+            self.registry.register(NativeMetrics(self.name, self.frontends, self.engine))  # type: ignore[arg-type]
         else:
             self.replicator = Replicator(*args, **kw)
             # One QoS layer under both frontends: the limits are the volume's, not per frontend.
@@ -141,7 +141,18 @@ class Volume:
             mutual_chap=opts.mutual_chap,
             allowed_initiators=opts.allowed_initiators,
         )
-        self.iscsi = IscsiServer([config], public_portal=opts.public_portal)
+        if self.engine is not None:
+            from target.native_iscsi import NativeIscsiServer
+
+            server = NativeIscsiServer(
+                [config], engine=self.engine, public_portal=opts.public_portal
+            )
+            self._events.iscsi = server
+            # a new capacity is a unit attention: those connections go slow
+            self.replicator.on_resize.append(lambda _size: server.refresh_slow())
+            self.iscsi = server
+        else:
+            self.iscsi = IscsiServer([config], public_portal=opts.public_portal)
         await self.iscsi.start(host, port)
         assert self.iscsi.port is not None
         return self.iscsi.port
@@ -154,6 +165,15 @@ class Volume:
         if self.engine is not None:
             self.engine.close()  # after the replicator: its last requests went through it
 
+    def engine_counters(self) -> dict[str, dict[str, int]]:
+        """Per frontend: requests the engine parsed, and how many of them went up to Python
+        (steady-state READ/WRITE should add none)."""
+        st = self.engine.target_stats()
+        return {
+            fe: {"requests": st["frontend_requests"][fe], "upcalls": st["frontend_upcalls"][fe]}
+            for fe in ("nbd", "iscsi")
+        }
+
     def status(self) -> dict[str, Any]:
         st = self.replicator.status()
         return {
@@ -164,6 +184,7 @@ class Volume:
             "qos": self.qos.status(),
             "rebuild_rate": self.replicator.limiter.rate,
             "engine": self.opts.engine,
+            **({"engine_counters": self.engine_counters()} if self.engine is not None else {}),
             "stats": {
                 frontend: {
                     op: {"ops": t[0], "bytes": t[1], "errors": t[2]} for op, t in dev.totals.items()

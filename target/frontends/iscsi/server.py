@@ -79,6 +79,10 @@ class IscsiServer:
         self._last_tsih = 0
         self._closing = False
 
+    # What serves a connection and a session (target/native_iscsi.py swaps them).
+    connection_class: type[Connection] = Connection
+    session_class: type[Session] = Session
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, host: str = "0.0.0.0", port: int = 3260) -> None:
@@ -116,7 +120,7 @@ class IscsiServer:
             return
         task = asyncio.current_task()
         assert task is not None
-        conn = Connection(self, reader, writer)
+        conn = self.connection_class(self, reader, writer)
         self._connections[conn] = task
         try:
             await conn.run()
@@ -167,7 +171,7 @@ class IscsiServer:
             "max_data_transfer": self.limits.max_data_transfer,
         }
         if login.target is None:
-            session = Session(self, login, self._new_tsih(), **options)  # type: ignore[arg-type]
+            session = self.session_class(self, login, self._new_tsih(), **options)  # type: ignore[arg-type]
             self._by_tsih[session.tsih] = session
             return session
         key = (normalize_name(login.initiator_name), login.isid, login.target.name)
@@ -179,7 +183,7 @@ class IscsiServer:
                 old.conn.abort()
             await old.end(nexus_lost=not same)
         tsih = login.tsih if same else self._new_tsih()
-        session = Session(self, login, tsih, **options)  # type: ignore[arg-type]
+        session = self.session_class(self, login, tsih, **options)  # type: ignore[arg-type]
         self._sessions[key] = session
         self._by_tsih[tsih] = session
         return session

@@ -186,8 +186,16 @@ class ScsiLogicalUnit:
     async def exclusive(self, lba: int, blocks: int) -> AsyncIterator[None]:
         """Hold the range against every other write (COMPARE AND WRITE, ORWRITE)."""
         start = lba * BLOCK_SIZE
-        async with self._lock.exclusive(start, start + blocks * BLOCK_SIZE):
-            yield
+        end = start + blocks * BLOCK_SIZE
+        async with self._lock.exclusive(start, end):
+            # A device with writers of its own (the native engine's iSCSI fast path) locks
+            # them out too.
+            hold = getattr(self.device, "exclusive", None)
+            if hold is None:
+                yield
+            else:
+                async with hold(start, end):
+                    yield
 
     # -- events --------------------------------------------------------------------------
 
