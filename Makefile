@@ -82,7 +82,7 @@ asan: setup
 # sanitizer report, leak, timeout or hang fails. Needs clang + libFuzzer (`make setup`).
 # make fuzz FUZZ_SECONDS=300 FUZZ_HARNESSES=nbd
 FUZZ_SECONDS ?= 30
-FUZZ_HARNESSES ?= replica nbd
+FUZZ_HARNESSES ?= replica nbd iscsi
 FUZZ_CC ?= clang
 # every engine source (a new protocol file links in by itself); not cffi's output, not the bench
 FUZZ_ENGINE := $(filter-out native/_native% native/bench_client.c,$(wildcard native/*.c))

@@ -138,6 +138,7 @@ struct iconn {
         uint8_t *dst;
         uint32_t len, tail; /* tail: pad and data digest still to come through rbuf */
     } direct;
+    int advancing; /* inside win_advance: an abort must not advance the window again */
     int nupcalls; /* up-calls Python has not answered */
     int nexec;    /* tasks executing (volume I/O or up-call) */
     struct itask *hash[HASH_SIZE];
@@ -432,6 +433,10 @@ static int win_offset(const struct iconn *ic, uint32_t cmdsn, uint32_t *off)
 
 static void win_advance(struct iconn *ic, struct itask *first)
 {
+    /* A delivered TMF may abort the next held command (win_abort_pending): that marks a
+     * hole this loop skips, instead of a nested advance delivering later commands (and
+     * freeing tasks the TMF's scan holds) in the middle of the TMF. */
+    ic->advancing++;
     ic->expcmdsn++;
     if (first) {
         ic->running++;
@@ -450,6 +455,7 @@ static void win_advance(struct iconn *ic, struct itask *first)
             deliver(ic, t, 1);
         }
     }
+    ic->advancing--;
 }
 
 /* -1: outside the window or a duplicate (drop it); 0: held; 1: delivered. */
@@ -490,7 +496,7 @@ static void win_abort_pending(struct iconn *ic, uint32_t cmdsn)
         task_free(s->t);
         s->t = NULL;
     }
-    if (!off) {
+    if (!off && !ic->advancing) {
         memset(s, 0, sizeof(*s));
         win_advance(ic, NULL);
         return;

@@ -255,6 +255,127 @@ void fz_wait(tandem_engine *e, const struct fz_handler *h, int (*cond)(void *), 
     }
 }
 
+#define REQ_MAGIC 0x51444E54u /* the replica protocol's */
+#define RESP_SIZE 24
+#define OP_OPEN 8
+
+/* --- the volume and its member (fz_volume_setup) ------------------------------------------ */
+
+static void member_upcall(tandem_engine *e, const struct tandem_event *ev)
+{
+    if (ev->conn != FZ_MEMBER_CONN || ev->op != OP_OPEN)
+        fz_die("unexpected up-call op %u on connection %llu while setting up", ev->op,
+               (unsigned long long)ev->conn);
+    static const char js[] = "{\"epoch\": 1}";
+    uint8_t buf[RESP_SIZE + sizeof(js) - 1];
+    fz_put_le32(buf, 0x52444E54u);
+    fz_put_le32(buf + 4, 0);
+    fz_put_le64(buf + 8, ev->tag);
+    fz_put_le32(buf + 16, sizeof(js) - 1);
+    fz_put_le32(buf + 20, 0);
+    memcpy(buf + RESP_SIZE, js, sizeof(js) - 1);
+    if (tandem_conn_reply(e, ev->conn, buf, sizeof(buf), TANDEM_EPOCH_SET, FZ_EPOCH, 1))
+        fz_die("tandem_conn_reply failed");
+}
+
+static const struct fz_handler setup_handler = {.upcall = member_upcall};
+
+struct recv_state {
+    int fd;
+    uint8_t buf[256];
+    size_t have, want;
+};
+
+static int got_response(void *arg)
+{
+    struct recv_state *r = arg;
+    while (r->have < r->want) {
+        ssize_t n = recv(r->fd, r->buf + r->have, r->want - r->have, MSG_DONTWAIT);
+        if (n <= 0)
+            return 0;
+        r->have += (size_t)n;
+        if (r->have >= RESP_SIZE && r->want == RESP_SIZE) {
+            uint32_t plen;
+            memcpy(&plen, r->buf + 16, 4);
+            if (plen > sizeof(r->buf) - RESP_SIZE)
+                fz_die("OPEN answer too long");
+            r->want = RESP_SIZE + plen;
+        }
+    }
+    return 1;
+}
+
+
+static void setup_member(tandem_engine *e)
+{
+    if (tandem_vol_setup(e, FZ_STORE_SIZE, 1, 1, 30.0, 30.0, "fuzz"))
+        fz_die("tandem_vol_setup failed");
+    int sv[2];
+    fz_socketpair(sv); /* sv[0]: the volume's end, sv[1]: the replica server's */
+    if (tandem_conn_add(e, FZ_MEMBER_CONN, sv[1], TANDEM_CONN_REPLICA_SERVER))
+        fz_die("tandem_conn_add failed");
+    static const char js[] = "{\"epoch\": 1}";
+    uint8_t req[32 + sizeof(js) - 1];
+    fz_put_le32(req, REQ_MAGIC);
+    req[4] = OP_OPEN;
+    req[5] = 0;
+    req[6] = req[7] = 0;
+    fz_put_le64(req + 8, 1);
+    fz_put_le64(req + 16, 0);
+    fz_put_le32(req + 24, 0);
+    fz_put_le32(req + 28, sizeof(js) - 1);
+    memcpy(req + 32, js, sizeof(js) - 1);
+    if (send(sv[0], req, sizeof(req), MSG_NOSIGNAL) != (ssize_t)sizeof(req))
+        fz_die("send OPEN: %s", strerror(errno));
+    struct recv_state r = {.fd = sv[0], .want = RESP_SIZE};
+    fz_wait(e, &setup_handler, got_response, &r, "answer to OPEN");
+    uint32_t status;
+    memcpy(&status, r.buf + 4, 4);
+    if (status)
+        fz_die("OPEN failed: %u", status);
+    /* The member's socket goes to the engine in blocking mode. */
+    int fl = fcntl(sv[0], F_GETFL);
+    if (fl < 0 || fcntl(sv[0], F_SETFL, fl & ~O_NONBLOCK))
+        fz_die("blocking mode: %s", strerror(errno));
+    if (tandem_member_attach(e, 0, sv[0], TANDEM_MODE_RW, 1, "in-process-replica", 1))
+        fz_die("tandem_member_attach failed");
+}
+
+void fz_volume_setup(tandem_engine *e)
+{
+    fz_store_setup(e);
+    setup_member(e);
+    /* Commands run in order: a flush through the volume (Python's own I/O, frontend 2)
+     * completes once the member is attached, and proves the whole path works. */
+    uint64_t id = 77;
+    if (tandem_vol_submit(e, id, 2, TANDEM_VIO_FLUSH, 0, 0, 0, NULL))
+        fz_die("tandem_vol_submit failed");
+    int done_seen = 0;
+    for (uint64_t deadline = fz_now_ns() + 10000000000ull; !done_seen;) {
+        struct tandem_event evs[16];
+        int n = tandem_engine_events(e, evs, 16);
+        for (int i = 0; i < n; i++) {
+            if (evs[i].type == TANDEM_EV_IO_DONE && evs[i].id == id) {
+                if (evs[i].status)
+                    fz_die("the first flush through the volume failed: %.*s",
+                           (int)evs[i].data_len, evs[i].data ? (char *)evs[i].data : "");
+                done_seen = 1;
+            } else if (evs[i].type == TANDEM_EV_DONE && evs[i].status) {
+                fz_die("attaching the member failed: %s", strerror(evs[i].status));
+            } else if (evs[i].type == TANDEM_EV_MEMBER_DOWN) {
+                fz_die("the member dropped while setting up");
+            }
+            tandem_free(evs[i].data);
+        }
+        if (!n) {
+            if (fz_now_ns() > deadline)
+                fz_die("hang: setting up the volume");
+            struct pollfd p = {.fd = tandem_engine_event_fd(e), .events = POLLIN};
+            poll(&p, 1, 50);
+        }
+    }
+}
+
 /* --- one input over a socketpair ------------------------------------------------------------ */
 
 void fz_socketpair(int sv[2])
@@ -298,6 +419,8 @@ void fz_exchange(tandem_engine *e, const struct fz_handler *h, uint64_t conn, in
         };
         poll(p, 2, 50);
         fz_drain(e, h);
+        if (h && h->tick)
+            h->tick(e, wr_done);
         if (!closed && fz_closed(conn))
             closed = 1;
         if (!wr_done && (p[1].revents & (POLLOUT | POLLERR | POLLHUP))) {

@@ -22,6 +22,14 @@ void fz_store_setup(tandem_engine *e);
  * paused control request). */
 void fz_store_push(tandem_engine *e);
 
+/* The volume the frontend harnesses (NBD, iSCSI) submit to: size FZ_STORE_SIZE, one member
+ * (slot 0, RW, quorum 1) whose data connection is a replica connection (FZ_MEMBER_CONN) of
+ * this same engine serving the store, OPENed with its epoch first as
+ * target/native_device.py does. Calls fz_store_setup, and returns once a first flush went
+ * through the volume. */
+#define FZ_MEMBER_CONN 1
+void fz_volume_setup(tandem_engine *e);
+
 /* What a harness does with the events of its connections. */
 struct fz_handler {
     /* An up-call; ev->data is freed by the caller after this returns. */
@@ -30,6 +38,9 @@ struct fz_handler {
     void (*paused)(tandem_engine *e, uint64_t id);
     /* Bytes the engine sent on the input's connection (a protocol checker), or NULL. */
     void (*received)(const uint8_t *p, size_t n);
+    /* Called on every turn of fz_exchange's loop (input_sent: the whole input was written,
+     * or the engine closed its end), e.g. to answer up-calls held back until then; or NULL. */
+    void (*tick)(tandem_engine *e, int input_sent);
 };
 
 /* Drain the event queue once; returns the number of events handled. Every CONN_CLOSED
