@@ -86,6 +86,20 @@ class WriteIntent:
             self.marked[r0:r1] = b"\x01" * n
             self._save(sync=True)
 
+    def before_writes(self, ranges: list[tuple[int, int]]) -> None:
+        """before_write for many (offset, length) ranges with one sync: a rebuild about to
+        copy scattered pieces marks their regions at once, not one fdatasync per region."""
+        now, fresh = self._now(), False
+        for offset, length in ranges:
+            r0 = offset // self.region
+            r1 = max(r0 + 1, -(-(offset + length) // self.region))
+            self._touch[r0:r1] = array("I", [now]) * (r1 - r0)
+            if self.marked.find(0, r0, r1) != -1:
+                self.marked[r0:r1] = b"\x01" * (r1 - r0)
+                fresh = True
+        if fresh:
+            self._save(sync=True)
+
     def flushed(self, flush_started: float) -> None:
         """After a flush that began at monotonic time flush_started completed: clear regions
         whose last write is older than the flush by CLEAR_AFTER (lazily, at most once a

@@ -17,6 +17,8 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from native import engine as ne
@@ -163,6 +165,14 @@ class EngineStore:
             self._io(eng, "zero", Op.UNMAP, offset, length, data=b"")
         return None
 
+    async def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
+        """ReplicaStore.prepare_writes with the engine paused: it owns the intent log."""
+        if (eng := self._engine()) is None:
+            return self._store.prepare_writes(ranges)
+        async with self._server.engine_paused(eng):
+            self._store.prepare_writes(ranges)
+        return None
+
     def write_zeroes(self, offset: int, length: int, punch: bool = True) -> None:
         if (eng := self._engine()) is None:
             return self._store.write_zeroes(offset, length, punch)
@@ -261,6 +271,22 @@ class NativeReplicaServer(ne.EngineHandler):
 
     # --- engine state -------------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def engine_paused(self, engine: ne.Engine) -> AsyncIterator[None]:
+        """Hold the engine paused (no data request or intent I/O running) while Python
+        changes the store, then hand it the store again and resume."""
+        async with self._pause_lock:
+            await engine.pause()
+            self._paused = True
+            engine.release_shared()  # so the store may resize its maps
+            try:
+                yield
+            finally:
+                self._paused = False
+                if engine.running:
+                    self._push_store()
+                    engine.resume()
+
     def _push_store(self) -> None:
         """Size, epoch, write-intent log and layers: at start, and after every paused
         control request (they may have replaced any of them)."""
@@ -343,17 +369,8 @@ class NativeReplicaServer(ne.EngineHandler):
         handler.epoch = conn.epoch
         try:
             if up.op in set(Op) - _NO_PAUSE:
-                async with self._pause_lock:
-                    await engine.pause()
-                    self._paused = True
-                    engine.release_shared()  # so the store may resize its maps
-                    try:
-                        handler._handle(req)
-                    finally:
-                        self._paused = False
-                        if engine.running:
-                            self._push_store()
-                            engine.resume()
+                async with self.engine_paused(engine):
+                    handler._handle(req)
             else:
                 handler._handle(req)
         except asyncio.CancelledError:

@@ -83,6 +83,13 @@ class Puller:
         self, address: str, ranges: list[tuple[int, int]], compare_first: bool = False
     ) -> dict[str, Any]:
         src = await self._source(address)
+        if not compare_first:
+            # One write-intent sync for every region the copy will touch, instead of one per
+            # region as scattered pieces reach them (most of an incremental catch-up's time).
+            # On the native engine this pauses it (a coroutine); the store does it at once.
+            prepared = self.store.prepare_writes(ranges)
+            if asyncio.iscoroutine(prepared):
+                await prepared
         stats = {"copied": 0, "unmapped": 0, "compared": 0, "pieces": 0}
         todo = pieces(ranges)
         failure: list[BaseException] = []

@@ -542,6 +542,14 @@ class ReplicaStore:
         """Zero the range; punch=False keeps it allocated (NBD NO_HOLE)."""
         self._zero(offset, length, punch)
 
+    def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
+        """Record the write intent of many coming mutations with one sync (see
+        WriteIntent.before_writes); the mutations themselves then find their regions marked."""
+        try:
+            self.intent.before_writes(ranges)
+        except OSError as e:
+            raise _io_error(e, "record write intent") from e
+
     def _intend(self, offset: int, length: int) -> None:
         try:
             self.intent.before_write(offset, length)

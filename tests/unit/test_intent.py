@@ -52,6 +52,22 @@ def test_first_write_to_a_region_is_synced_once(
     assert again.ranges() == [(0, 2 * MiB)]
 
 
+def test_many_ranges_are_marked_with_one_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    wi = WriteIntent(tmp_path / "i", 16 * MiB)
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    wi.before_writes([(0, 4096), (3 * MiB + 5, 10), (8 * MiB - 1, 2)])
+    assert len(syncs) == 1
+    wi.before_write(3 * MiB, 4096)  # already marked: the write needs no sync of its own
+    wi.before_writes([(0, 1)])
+    assert len(syncs) == 1
+    again = WriteIntent(tmp_path / "i", 16 * MiB)  # durable: a restart sees every mark
+    assert again.ranges() == [(0, MiB), (3 * MiB, MiB), (7 * MiB, 2 * MiB)]
+
+
 def test_flush_clears_only_regions_idle_before_it(tmp_path: Path, clock: Clock) -> None:
     wi = WriteIntent(tmp_path / "i", 16 * MiB)
     wi.before_write(0, 10)  # region 0 at t=1000
