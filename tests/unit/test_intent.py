@@ -35,13 +35,19 @@ def test_region_size_bounds_the_bitmap() -> None:
     assert -(-(1 << 40) // region_size(1 << 40)) <= intent_mod.MAX_REGIONS
 
 
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fds fdatasync'ed from here on."""
+    done: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (done.append(fd), real(fd)))
+    return done
+
+
 def test_first_write_to_a_region_is_synced_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+    tmp_path: Path, syncs: list[int], clock: Clock
 ) -> None:
     wi = WriteIntent(tmp_path / "i", 16 * MiB)
-    syncs: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
     wi.before_write(100, 10)
     wi.before_write(5000, 4096)  # same region: no new sync
     assert len(syncs) == 1
@@ -53,12 +59,9 @@ def test_first_write_to_a_region_is_synced_once(
 
 
 def test_many_ranges_are_marked_with_one_sync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+    tmp_path: Path, syncs: list[int], clock: Clock
 ) -> None:
     wi = WriteIntent(tmp_path / "i", 16 * MiB)
-    syncs: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
     wi.before_writes([(0, 4096), (3 * MiB + 5, 10), (8 * MiB - 1, 2)])
     assert len(syncs) == 1
     wi.before_write(3 * MiB, 4096)  # already marked: the write needs no sync of its own
