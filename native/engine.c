@@ -209,24 +209,44 @@ void eng_event(struct engine *e, const struct tandem_event *ev)
     }
 }
 
-void eng_log(struct engine *e, int level, const char *fmt, ...)
+/* An event carrying a formatted message (at most 511 bytes). */
+static void text_event(struct engine *e, struct tandem_event *ev, const char *fmt, va_list ap)
 {
     char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
     int n = vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
     if (n < 0)
-        return;
+        n = 0;
     if ((size_t)n >= sizeof(buf))
         n = sizeof(buf) - 1;
-    struct tandem_event ev = {.type = TANDEM_EV_LOG, .status = level};
-    ev.data = malloc((size_t)n);
-    if (ev.data) {
-        memcpy(ev.data, buf, (size_t)n);
-        ev.data_len = (uint32_t)n;
+    ev->data = malloc((size_t)n + 1);
+    if (ev->data) {
+        memcpy(ev->data, buf, (size_t)n);
+        ev->data_len = (uint32_t)n;
     }
-    eng_event(e, &ev);
+    eng_event(e, ev);
+}
+
+void eng_log(struct engine *e, int level, const char *fmt, ...)
+{
+    struct tandem_event ev = {.type = TANDEM_EV_LOG, .status = level};
+    va_list ap;
+    va_start(ap, fmt);
+    text_event(e, &ev, fmt, ap);
+    va_end(ap);
+}
+
+void conn_proto_vevent(struct conn *c, const char *fmt, va_list ap)
+{
+    struct tandem_event ev = {.type = TANDEM_EV_PROTO_ERROR, .conn = c->id};
+    text_event(c->e, &ev, fmt, ap);
+}
+
+void conn_proto_event(struct conn *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    conn_proto_vevent(c, fmt, ap);
+    va_end(ap);
 }
 
 /* --- connections --------------------------------------------------------------------------- */

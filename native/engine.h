@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <semaphore.h>
 #include <stddef.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -164,6 +165,9 @@ void eng_event(struct engine *e, const struct tandem_event *ev);
 /* A TANDEM_EV_LOG line. */
 void eng_log(struct engine *e, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* TANDEM_EV_PROTO_ERROR for c: Python logs why the connection is being closed. */
+void conn_proto_event(struct conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void conn_proto_vevent(struct conn *c, const char *fmt, va_list ap);
 
 /* --- the engine --------------------------------------------------------------------------- */
 

@@ -324,28 +324,6 @@ static void fixed_sense(uint8_t *s, uint8_t key, uint8_t asc, uint8_t ascq)
     s[13] = ascq;
 }
 
-static void proto_event(struct iconn *ic, const char *f, ...) __attribute__((format(printf, 2, 3)));
-
-static void proto_event(struct iconn *ic, const char *f, ...)
-{
-    char buf[256];
-    va_list ap;
-    va_start(ap, f);
-    int n = vsnprintf(buf, sizeof(buf), f, ap);
-    va_end(ap);
-    if (n < 0)
-        n = 0;
-    if ((size_t)n >= sizeof(buf))
-        n = sizeof(buf) - 1;
-    struct tandem_event ev = {.type = TANDEM_EV_PROTO_ERROR, .conn = ic->c->id};
-    ev.data = malloc((size_t)n + 1);
-    if (ev.data) {
-        memcpy(ev.data, buf, (size_t)n);
-        ev.data_len = (uint32_t)n;
-    }
-    eng_event(ic->e, &ev);
-}
-
 /* --- tasks --------------------------------------------------------------------------------- */
 
 static void pump(struct iconn *ic);
@@ -1259,6 +1237,9 @@ static void data_out(struct iconn *ic, const uint8_t *h, const uint8_t *data, ui
         xprogress(ic, t);
 }
 
+static void whole_request(struct iconn *ic, int kind, const uint8_t *h, const uint8_t *data,
+                          uint32_t dlen);
+
 static void nop_out(struct iconn *ic, const uint8_t *h, const uint8_t *data, uint32_t dlen)
 {
     if (ld32(h + 16) == RESERVED) {
@@ -1267,22 +1248,10 @@ static void nop_out(struct iconn *ic, const uint8_t *h, const uint8_t *data, uin
             ic->nop_waiting = 0;
         return;
     }
-    struct itask *t = task_new(ic, K_NOP, h);
-    if (!t)
-        return;
-    if (dlen) {
-        t->extra = malloc(dlen);
-        if (!t->extra) {
-            free(t);
-            conn_abort(ic->c);
-            return;
-        }
-        memcpy(t->extra, data, dlen);
-        t->extra_len = dlen;
-    }
-    ordered_request(ic, t);
+    whole_request(ic, K_NOP, h, data, dlen);
 }
 
+/* A request kept whole (its data copied) and run in CmdSN order. */
 static void whole_request(struct iconn *ic, int kind, const uint8_t *h, const uint8_t *data,
                           uint32_t dlen)
 {
@@ -1476,7 +1445,7 @@ static void pump(struct iconn *ic)
                 break;
             if (ic->p.header_digest && rd_le32(h + hend) != tandem_crc32c(0, h, hend)) {
                 /* the lengths cannot be trusted (RFC 7143 7.8): drop the connection */
-                proto_event(ic, "header digest mismatch: dropping the connection");
+                conn_proto_event(ic->c, "header digest mismatch: dropping the connection");
                 ic->stopping = 1;
                 conn_abort(c);
                 break;

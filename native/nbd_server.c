@@ -541,24 +541,13 @@ static void nc_request(struct nconn *nc, const uint8_t *hdr, struct vbuf *buf)
 
 static void proto_error(struct nconn *nc, const char *f, ...) __attribute__((format(printf, 2, 3)));
 
+/* Stop reading and tell Python why (it logs it); what is in flight is still answered. */
 static void proto_error(struct nconn *nc, const char *f, ...)
 {
-    char buf[256];
     va_list ap;
     va_start(ap, f);
-    int n = vsnprintf(buf, sizeof(buf), f, ap);
+    conn_proto_vevent(nc->c, f, ap);
     va_end(ap);
-    if (n < 0)
-        n = 0;
-    if ((size_t)n >= sizeof(buf))
-        n = sizeof(buf) - 1;
-    struct tandem_event ev = {.type = TANDEM_EV_PROTO_ERROR, .conn = nc->c->id};
-    ev.data = malloc((size_t)n + 1);
-    if (ev.data) {
-        memcpy(ev.data, buf, (size_t)n);
-        ev.data_len = (uint32_t)n;
-    }
-    eng_event(nc->e, &ev);
     nc->stopping = 1;
 }
 
