@@ -92,6 +92,8 @@ struct cmd {
     size_t len2;
     int64_t wanted;
     int status, slow;
+    uint64_t req; /* ISCSI_ABORT: the id its TANDEM_EV_DONE answers */
+    int64_t lun;  /* ISCSI_ABORT: -1 for every LUN */
 };
 
 /* --- clocks and timers --------------------------------------------------------------------- */
@@ -743,14 +745,14 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         struct conn *c = conn_find(e, cmd->id);
         if (!c || c->kind != TANDEM_CONN_ISCSI) {
             if (cmd->type == CMD_ISCSI_ABORT)
-                eng_done(e, cmd->epoch, 0); /* gone: nothing left to abort */
+                eng_done(e, cmd->req, 0); /* gone: nothing left to abort */
             break;
         }
         c->refs++;
         if (cmd->type == CMD_ISCSI_SLOW)
             iscsi_set_slow(e, c, cmd->slow);
         else if (cmd->type == CMD_ISCSI_ABORT)
-            iscsi_abort(e, c, cmd->epoch, cmd->wanted, cmd->status);
+            iscsi_abort(e, c, cmd->req, cmd->lun, cmd->status);
         else
             iscsi_stop(e, c);
         conn_put(c);
@@ -1450,8 +1452,8 @@ int tandem_iscsi_abort(tandem_engine *e, uint64_t conn, uint64_t id, int64_t lun
     if (!c)
         return -ENOMEM;
     c->id = conn;
-    c->epoch = id;
-    c->wanted = lun;
+    c->req = id;
+    c->lun = lun;
     c->status = status;
     return push_cmd(e, c);
 }
