@@ -54,8 +54,10 @@ class Proc:
         self.log = log_dir / f"{name}.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_from = 0  # where this run's output starts in the (appended) log
 
     def start(self) -> Proc:
+        self._log_from = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "maya", *self.args],
@@ -101,6 +103,22 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        """Wait until this run printed `text` (its banner, printed once it listens). Not
+        wait_port: a port that answers may be another process's that took the free port
+        first, while this one exits with "Address already in use"."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log, "rb") as f:
+                f.seek(self._log_from)
+                if text in f.read().decode(errors="replace"):
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process {self.proc.args} exited with {self.proc.returncode}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not print {text!r} in {timeout}s")
 
 
 class Cluster:
@@ -190,7 +208,7 @@ class Cluster:
     def start_replica(self, i: int) -> None:
         self.replicas[i] = self._replica(i)
         self.replicas[i].start()
-        wait_port(self.replica_ports[i][0], self.replicas[i].proc)
+        self.replicas[i].wait_output(f"data {HOST}:{self.replica_ports[i][0]} ")
 
     def start_target(self, extra: list[str] | None = None, only: list[int] | None = None) -> None:
         args = [
@@ -214,8 +232,7 @@ class Cluster:
             if only is None or i in only:
                 args += ["--replica", a]
         self.target = Proc("target", args, self.log_dir, self.env).start()
-        wait_port(self.nbd_port, self.target.proc, timeout=30)
-        wait_port(self.iscsi_port, self.target.proc, timeout=30)
+        self.target.wait_output(f"nbd://{HOST}:{self.nbd_port}/", timeout=30)
 
     def start(self) -> Cluster:
         """First start. Free ports are picked before the processes bind them, so another
