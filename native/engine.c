@@ -80,6 +80,7 @@ struct cmd {
     uint64_t offset;
     uint32_t length;
     struct sync_io *sync;
+    struct tandem_io *ios;
     /* the target side */
     int mode, current, track, frontend, quorum;
     double t1, t2, limits[6];
@@ -800,7 +801,8 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         replica_set_fault(e, cmd->slot, cmd->action, cmd->arg, cmd->remaining);
         break;
     case CMD_R_IO:
-        replica_io(e, cmd->op, cmd->flags, cmd->offset, cmd->length, cmd->sync);
+        for (int i = 0; i < cmd->n; i++)
+            replica_io(e, &cmd->ios[i], cmd->sync);
         break;
     }
     free(cmd->data);
@@ -1146,29 +1148,30 @@ int tandem_replica_set_fault(tandem_engine *e, int slot, int action, double arg,
     return push_cmd(e, c);
 }
 
-int tandem_replica_io(tandem_engine *e, int op, int flags, uint64_t offset, uint32_t length,
-                      void *buf)
+int tandem_replica_iov(tandem_engine *e, struct tandem_io *ios, int n)
 {
+    if (n <= 0)
+        return n ? -EINVAL : 0;
     struct sync_io sy;
     if (sem_init(&sy.done, 0, 0))
         return -errno;
-    sy.status = 0;
-    sy.buf = buf;
+    sy.remaining = n;
     struct cmd *c = new_cmd(CMD_R_IO);
     if (!c) {
         sem_destroy(&sy.done);
         return -ENOMEM;
     }
-    c->op = op;
-    c->flags = flags;
-    c->offset = offset;
-    c->length = length;
+    c->ios = ios;
+    c->n = n;
     c->sync = &sy;
     push_cmd(e, c); /* queued even if waking the engine failed: it checks every turn */
     while (sem_wait(&sy.done) && errno == EINTR)
         ;
     sem_destroy(&sy.done);
-    return -sy.status;
+    for (int i = 0; i < n; i++)
+        if (ios[i].status)
+            return -ios[i].status;
+    return 0;
 }
 
 struct tandem_replica_stats *tandem_replica_stats(tandem_engine *e) { return &e->rstats; }

@@ -215,14 +215,13 @@ struct engine {
 struct conn *replica_conn_new(struct engine *e, uint64_t id, int fd);
 void replica_reply(struct engine *e, struct conn *c, void *data, size_t len, int epoch_action,
                    uint64_t epoch, int end);
-/* A store request on Python's behalf (tandem_replica_io): done is posted with status. */
+/* A batch of store requests on Python's behalf (tandem_replica_iov): done is posted when
+ * the last of them finished. */
 struct sync_io {
     sem_t done;
-    int status; /* 0 or errno */
-    uint8_t *buf;
+    int remaining;
 };
-void replica_io(struct engine *e, int op, int flags, uint64_t offset, uint32_t length,
-                struct sync_io *sy);
+void replica_io(struct engine *e, struct tandem_io *io, struct sync_io *sy);
 int replica_setup(struct engine *e, uint64_t size, uint64_t epoch, int intent_fd,
                   uint8_t *marked, uint32_t *touch, uint32_t count, uint64_t region,
                   double clock0);

@@ -325,19 +325,35 @@ class Engine:
     def io(
         self, op: int, offset: int, length: int, data: bytes | None = None, flags: int = 0
     ) -> bytes:
-        """A READ/WRITE/UNMAP/WRITE_ZEROES of the replica store on Python's behalf, through
-        the engine (ordered with the connections' requests, intent-logged, mapped). Blocks
-        until done; never while the engine is paused. OSError(errno) on failure."""
-        if data is not None:
-            buf = ffi.from_buffer(data)
-            out = b""
-        else:
-            out = bytearray(length if op == 1 else 0)
-            buf = ffi.from_buffer(out) if out else ffi.NULL
-        rc = lib.tandem_replica_io(self._live, op, flags, offset, length, buf)
+        """One READ/WRITE/UNMAP/WRITE_ZEROES of the replica store (see `iov`)."""
+        return self.iov([(op, offset, length, data, flags)])[0]
+
+    def iov(self, ios: list[tuple[int, int, int, bytes | None, int]]) -> list[bytes]:
+        """READs, WRITEs, UNMAPs and WRITE_ZEROES, each (op, offset, length, data, flags), of
+        the replica store on Python's behalf, through the engine (ordered with the
+        connections' requests, intent-logged, mapped) and all at once. Blocks until all are
+        done; returns what each READ read (b"" for the others). OSError(errno) of the first
+        that failed."""
+        arr = ffi.new("struct tandem_io[]", len(ios))
+        keep: list[Any] = []  # the buffers must outlive the call
+        outs: list[bytearray | None] = []
+        for i, (op, offset, length, data, flags) in enumerate(ios):
+            io = arr[i]
+            io.op, io.flags, io.offset, io.length = op, flags, offset, length
+            out = None
+            if data is not None:
+                if len(data):
+                    keep.append(ffi.from_buffer(data))
+                    io.buf = keep[-1]
+            elif op == 1 and length:  # READ
+                out = bytearray(length)
+                keep.append(ffi.from_buffer(out))
+                io.buf = keep[-1]
+            outs.append(out)
+        rc = lib.tandem_replica_iov(self._live, arr, len(ios))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
-        return bytes(out)
+        return [bytes(o) if o is not None else b"" for o in outs]
 
     def replica_stats(self) -> dict[str, Any]:
         """The engine's replica counters (a snapshot; the last one once closed)."""

@@ -71,7 +71,12 @@ enum {
     OP_CHECKSUM = 13,
     OP_ATTRS = 14,
     OP_SET_ATTRS = 15,
+    OP_READV = 18,
 };
+
+/* READV: the payload is entries of (offset u64, length u32, reserved u32); see protocol.py */
+#define READV_ENTRY 16u
+#define READV_MAX_RANGES 1024u
 
 static const char *const fault_names[] = {"read",         "write",    "flush", "unmap",
                                           "write_zeroes", "checksum", "*"};
@@ -241,6 +246,7 @@ struct rop {
     struct list alink, wlink;
     struct rconn *rc;      /* NULL: a request on Python's behalf (sync) */
     struct sync_io *sync;
+    struct tandem_io *io;  /* ... and its part of that batch */
     int borrowed;          /* data is the caller's (sync WRITE): not ours to free */
     struct rstore *s;
     struct reqhdr h;
@@ -254,6 +260,7 @@ struct rop {
     double fstart;
     uint8_t *data;  /* WRITE payload or READ/CHECKSUM buffer */
     uint8_t *edges; /* two blocks for read-modify-write */
+    uint8_t *vec;   /* READV: its range entries (the request payload) */
     uint8_t *resp;  /* response payload (owned unless it is data) */
     uint32_t resp_len;
     uint32_t status;
@@ -278,6 +285,14 @@ struct sub {
 
 static void op_continue(struct rop *op);
 static void op_complete(struct rop *op);
+
+/* One request of a batch on Python's behalf finished: the last one wakes the caller. */
+static void sync_done(struct sync_io *sy, struct tandem_io *io, int status)
+{
+    io->status = status;
+    if (--sy->remaining == 0)
+        sem_post(&sy->done);
+}
 static void order_kick(struct rstore *s);
 static void rc_pump(struct rconn *rc);
 static void rc_after_op(struct rconn *rc);
@@ -920,6 +935,22 @@ static void block_status(struct rop *op)
 static void op_exec(struct rop *op)
 {
     switch (op->h.op) {
+    case OP_READV:
+        op->what = "read";
+        op->data = malloc(op->h.length);
+        if (!op->data) {
+            op_fail(op, -ENOMEM, "read");
+            break;
+        }
+        for (uint32_t i = 0, at = 0; i < op->h.plen / READV_ENTRY && !op->err; i++) {
+            uint64_t off;
+            uint32_t len;
+            memcpy(&off, op->vec + i * READV_ENTRY, 8);
+            memcpy(&len, op->vec + i * READV_ENTRY + 8, 4);
+            read_through(op, op->data + at, off, len);
+            at += len;
+        }
+        break;
     case OP_READ:
     case OP_CHECKSUM:
         op->what = "read";
@@ -961,6 +992,7 @@ static void op_continue(struct rop *op)
     }
     switch (op->h.op) {
     case OP_READ:
+    case OP_READV:
         s->st->bytes_read += op->h.length;
         op->resp = op->data;
         op->resp_len = op->h.length;
@@ -1032,6 +1064,7 @@ static void op_release(struct sendbuf *b)
     if (!op->borrowed)
         free(op->data);
     free(op->edges);
+    free(op->vec);
     free(op->resp);
     free(op);
 }
@@ -1068,12 +1101,10 @@ static void op_complete(struct rop *op)
         op->resp_len = len;
     }
     if (!rc) { /* on Python's behalf: hand over the result and wake the caller */
-        struct sync_io *sy = op->sync;
-        sy->status = (int)status;
         if (!status && op->h.op == OP_READ && op->resp_len)
-            memcpy(sy->buf, op->resp, op->resp_len);
+            memcpy(op->io->buf, op->resp, op->resp_len);
+        sync_done(op->sync, op->io, (int)status);
         op_release(&op->sb);
-        sem_post(&sy->done);
         order_kick(s);
         check_paused(s);
         return;
@@ -1190,6 +1221,7 @@ static int fault_slot(uint8_t op)
 {
     switch (op) {
     case OP_READ:
+    case OP_READV: /* a vectored read is a read to the fault hooks */
         return TANDEM_FAULT_SLOT_READ;
     case OP_WRITE:
         return TANDEM_FAULT_SLOT_WRITE;
@@ -1219,7 +1251,8 @@ static struct fault *fault_lookup(struct rstore *s, int slot)
 static int in_engine(uint8_t op)
 {
     return op == OP_READ || op == OP_WRITE || op == OP_FLUSH || op == OP_UNMAP ||
-           op == OP_WRITE_ZEROES || op == OP_PING || op == OP_BLOCK_STATUS || op == OP_CHECKSUM;
+           op == OP_WRITE_ZEROES || op == OP_PING || op == OP_BLOCK_STATUS ||
+           op == OP_CHECKSUM || op == OP_READV;
 }
 
 static struct frame *frame_new(const struct reqhdr *h, const uint8_t *payload, uint8_t *owned)
@@ -1262,6 +1295,38 @@ static void upcall(struct rconn *rc, struct frame *f)
     eng_event(rc->s->e, &ev);
 }
 
+/* Checks a READV's entries; sets [lo, hi) to the span they cover (the ordering range: a
+ * write anywhere in it waits for the read, which is conservative and keeps it simple). */
+static const char *readv_span(const struct rstore *s, const struct reqhdr *h,
+                              const uint8_t *vec, uint64_t *lo, uint64_t *hi)
+{
+    uint32_t n = h->plen / READV_ENTRY;
+    if (h->plen % READV_ENTRY || !n || n > READV_MAX_RANGES)
+        return "READV payload must be 1 to 1024 entries of 16 bytes";
+    if (h->length > MAX_PAYLOAD)
+        return "read exceeds the limit";
+    uint64_t total = 0, a = UINT64_MAX, b = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off;
+        uint32_t len, reserved;
+        memcpy(&off, vec + i * READV_ENTRY, 8);
+        memcpy(&len, vec + i * READV_ENTRY + 8, 4);
+        memcpy(&reserved, vec + i * READV_ENTRY + 12, 4);
+        if (!len || reserved)
+            return "READV entry with zero length or reserved bits set";
+        if (off > s->size || len > s->size - off)
+            return "READV range beyond the volume's size";
+        total += len;
+        a = off < a ? off : a;
+        b = off + len > b ? off + len : b;
+    }
+    if (total != h->length)
+        return "READV length is not the sum of its ranges";
+    *lo = a;
+    *hi = b;
+    return NULL;
+}
+
 static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *payload,
                      uint8_t *owned)
 {
@@ -1286,7 +1351,16 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
         free(owned);
         return;
     }
-    if (op != OP_FLUSH && op != OP_PING) {
+    uint64_t lo = h->offset, hi = h->offset + h->length;
+    if (op == OP_READV) {
+        const char *bad = readv_span(s, h, payload ? payload : owned, &lo, &hi);
+        if (bad) {
+            s->st->errors++;
+            send_error(rc, h->tag, EINVAL, "%s", bad);
+            free(owned);
+            return;
+        }
+    } else if (op != OP_FLUSH && op != OP_PING) {
         if (h->offset > s->size || h->length > s->size - h->offset) {
             s->st->errors++;
             send_error(rc, h->tag, EINVAL, "range %llu+%u beyond size %llu",
@@ -1348,17 +1422,18 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
     r->s = s;
     r->h = *h;
     list_init(&r->wlink);
-    if (op == OP_WRITE) {
+    if (op == OP_WRITE || op == OP_READV) {
+        uint8_t **keep = op == OP_WRITE ? &r->data : &r->vec;
         if (owned) {
-            r->data = owned;
+            *keep = owned;
         } else if (h->plen) {
-            r->data = malloc(h->plen);
-            if (!r->data) {
+            *keep = malloc(h->plen);
+            if (!*keep) {
                 free(r);
                 conn_abort(c);
                 return;
             }
-            memcpy(r->data, payload, h->plen);
+            memcpy(*keep, payload, h->plen);
         }
     } else {
         free(owned);
@@ -1366,10 +1441,12 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
     if (op == OP_FLUSH) {
         r->kind = K_FLUSH;
     } else {
-        r->kind = (op == OP_READ || op == OP_CHECKSUM || op == OP_BLOCK_STATUS) ? K_READ : K_MUT;
-        uint64_t end = h->offset + h->length;
-        r->lo = h->offset / BLOCK * BLOCK;
-        r->hi = (end + BLOCK - 1) / BLOCK * BLOCK;
+        r->kind = (op == OP_READ || op == OP_CHECKSUM || op == OP_BLOCK_STATUS ||
+                   op == OP_READV)
+                      ? K_READ
+                      : K_MUT;
+        r->lo = lo / BLOCK * BLOCK;
+        r->hi = (hi + BLOCK - 1) / BLOCK * BLOCK;
     }
     rc->ninflight++;
     conn_get(c);
@@ -1687,31 +1764,32 @@ void replica_reply(struct engine *e, struct conn *c, void *data, size_t len, int
     rc_pump(rc);
 }
 
-void replica_io(struct engine *e, int op, int flags, uint64_t offset, uint32_t length,
-                struct sync_io *sy)
+void replica_io(struct engine *e, struct tandem_io *io, struct sync_io *sy)
 {
     struct rstore *s = e->rs;
+    int op = io->op;
+    uint64_t offset = io->offset;
+    uint32_t length = io->length;
     int bad = op != OP_READ && op != OP_WRITE && op != OP_UNMAP && op != OP_WRITE_ZEROES;
     if (!s || e->stopping || bad || offset > s->size || length > s->size - offset) {
-        sy->status = !s || e->stopping ? ESHUTDOWN : EINVAL;
-        sem_post(&sy->done);
+        sync_done(sy, io, !s || e->stopping ? ESHUTDOWN : EINVAL);
         return;
     }
     struct rop *r = calloc(1, sizeof(*r));
     if (!r) {
-        sy->status = ENOMEM;
-        sem_post(&sy->done);
+        sync_done(sy, io, ENOMEM);
         return;
     }
     r->sync = sy;
+    r->io = io;
     r->s = s;
     r->h.op = (uint8_t)op;
-    r->h.flags = (uint8_t)flags;
+    r->h.flags = (uint8_t)io->flags;
     r->h.offset = offset;
     r->h.length = length;
     list_init(&r->wlink);
     if (op == OP_WRITE) {
-        r->data = sy->buf;
+        r->data = io->buf;
         r->borrowed = 1; /* the caller blocks until we are done with it */
     }
     r->kind = op == OP_READ ? K_READ : K_MUT;
@@ -1849,10 +1927,8 @@ void replica_stop(struct engine *e)
         list_del(&op->alink);
         s->nwaiting--;
         if (!op->rc) {
-            struct sync_io *sy = op->sync;
+            sync_done(op->sync, op->io, ESHUTDOWN);
             op_release(&op->sb);
-            sy->status = ESHUTDOWN;
-            sem_post(&sy->done);
             continue;
         }
         op->rc->ninflight--;

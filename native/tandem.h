@@ -139,13 +139,19 @@ int tandem_replica_set_epoch(tandem_engine *e, uint64_t epoch);
 /* Arm (or with TANDEM_FAULT_NONE, clear) the fault of a slot; remaining < 0: unlimited. */
 int tandem_replica_set_fault(tandem_engine *e, int slot, int action, double arg,
                              int64_t remaining);
-/* A READ, WRITE, UNMAP or WRITE_ZEROES of the replica store on Python's behalf (e.g. a
- * rebuild pulling data in), ordered, intent-logged and mapped like the requests of the
- * connections, without the epoch check. Blocks the caller until done (never call it while
- * the engine is paused: it would wait for the resume). buf: the data to write or room for
- * the data read. 0 or -errno. */
-int tandem_replica_io(tandem_engine *e, int op, int flags, uint64_t offset, uint32_t length,
-                      void *buf);
+/* A READ, WRITE, UNMAP or WRITE_ZEROES of the replica store on Python's behalf. */
+struct tandem_io {
+    int op;          /* as replica/protocol.py Op */
+    int flags;       /* FLAG_NO_HOLE for WRITE_ZEROES */
+    uint64_t offset;
+    uint32_t length;
+    void *buf;       /* the data to write, or room for the data read */
+    int status;      /* out: 0 or errno */
+};
+/* Runs n of them (e.g. the pieces of a rebuild pulling data in) at once, ordered,
+ * intent-logged and mapped like the requests of the connections, without the epoch check.
+ * Blocks the caller until all are done. 0, or -errno of the first that failed. */
+int tandem_replica_iov(tandem_engine *e, struct tandem_io *ios, int n);
 /* The replica counters (valid until the engine is freed). */
 struct tandem_replica_stats *tandem_replica_stats(tandem_engine *e);
 

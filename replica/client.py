@@ -175,6 +175,11 @@ class ReplicaClient(asyncio.Protocol):
     async def read(self, offset: int, length: int) -> bytes:
         return (await self.request(Op.READ, offset, length)).payload
 
+    async def readv(self, ranges: list[tuple[int, int]]) -> bytes:
+        """The data of every (offset, length) range, back to back, in one request."""
+        total = sum(n for _, n in ranges)
+        return (await self.request(Op.READV, 0, total, payload=p.encode_ranges(ranges))).payload
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         await self.request(Op.WRITE, offset, len(data), p.FLAG_FUA if fua else 0, data)
 

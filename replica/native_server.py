@@ -24,7 +24,7 @@ from typing import Any
 from native import engine as ne
 from replica import faults
 from replica import protocol as p
-from replica.block import MediumError, NoSpace, check_range
+from replica.block import BlockError, MediumError, NoSpace, check_range, is_zero
 from replica.protocol import Op, Request
 from replica.rebuild import Puller
 from replica.server import ReplicaServer, ReplicaStats, _Connection
@@ -117,6 +117,12 @@ class _Capture:
         return self.late and self._conn not in self._server._conns
 
 
+def _store_error(e: OSError, what: str) -> BlockError:
+    if e.errno == errno.ENOSPC:
+        return NoSpace(f"{what}: {e.strerror}")
+    return MediumError(f"{what}: {e.strerror}")
+
+
 class EngineStore:
     """The store as Python-side data movers (the rebuild puller of COPY_FROM) see it on the
     native engine: reads and mutations go through the engine, so they are ordered with the
@@ -142,9 +148,15 @@ class EngineStore:
         try:
             return eng.io(op, off, n, **kw)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise NoSpace(f"{what} {off}+{n}: {e.strerror}") from e
-            raise MediumError(f"{what} {off}+{n}: {e.strerror}") from e
+            raise _store_error(e, f"{what} {off}+{n}") from e
+
+    def _iov(
+        self, eng: ne.Engine, what: str, ios: list[tuple[int, int, int, bytes | None, int]]
+    ) -> list[bytes]:
+        try:
+            return eng.iov(ios)
+        except OSError as e:
+            raise _store_error(e, f"{what} of {len(ios)} pieces") from e
 
     def read(self, offset: int, length: int) -> bytes:
         if (eng := self._engine()) is None:
@@ -164,6 +176,30 @@ class EngineStore:
         if length:
             self._io(eng, "zero", Op.UNMAP, offset, length, data=b"")
         return None
+
+    def put_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+        """ReplicaStore.put_pieces in one engine call."""
+        if (eng := self._engine()) is None:
+            return self._store.put_pieces(pieces)
+        ios: list[tuple[int, int, int, bytes | None, int]] = []
+        unmapped = 0
+        for off, data in pieces:
+            check_range(self._store.size, off, len(data))
+            if is_zero(data):
+                ios.append((Op.UNMAP, off, len(data), b"", 0))
+                unmapped += len(data)
+            else:
+                ios.append((Op.WRITE, off, len(data), data, 0))
+        self._iov(eng, "write", ios)
+        return unmapped
+
+    def read_pieces(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """ReplicaStore.read_pieces in one engine call."""
+        if (eng := self._engine()) is None:
+            return self._store.read_pieces(ranges)
+        for off, n in ranges:
+            check_range(self._store.size, off, n)
+        return self._iov(eng, "read", [(Op.READ, off, n, None, 0) for off, n in ranges])
 
     async def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
         """ReplicaStore.prepare_writes with the engine paused: it owns the intent log."""

@@ -38,12 +38,15 @@ RESIZE (JSON {"size": N}: grow the volume online; a smaller size is refused);
 COPY_FROM (JSON {"source": "HOST:PORT", "ranges": [[offset, length], ...],
 "compare_first": bool}: pull those ranges from another replica and verify them, the data
 moving replica to replica during a rebuild; answers JSON counts; EREMOTEIO when the
-source failed, so the target can pick another).
+source failed, so the target can pick another); READV (a vectored READ: the payload is
+1 to READV_MAX_RANGES entries of 16 bytes, offset u64, length u32 (> 0), reserved u32 (0);
+the header's length is the sum of the entries' lengths and the response carries their
+data back to back: a rebuild pulls scattered small pieces in one round trip each batch).
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the
-replica, the older target's writes fail with ESTALE. READ, INFO, PING and BLOCK_STATUS work
-on any connection (rebuild sources and monitors use them).
+replica, the older target's writes fail with ESTALE. READ, READV, INFO, PING and BLOCK_STATUS
+work on any connection (rebuild sources and monitors use them).
 
 Limits: payload_len and READ length at most MAX_PAYLOAD (32 MiB). A header with a bad magic
 or an oversize payload cannot be resynchronised: the server answers EPROTO (tag 0 for a bad
@@ -65,6 +68,8 @@ RESP_MAGIC = 0x52444E54
 REQ = struct.Struct("<IBBHQQII")
 RESP = struct.Struct("<IIQII")
 MAX_PAYLOAD = 32 * 1024 * 1024
+READV_ENTRY = struct.Struct("<QII")
+READV_MAX_RANGES = 1024
 
 FLAG_FUA = 1
 FLAG_NO_HOLE = 2
@@ -88,6 +93,7 @@ class Op(IntEnum):
     SET_ATTRS = 15
     RESIZE = 16
     COPY_FROM = 17
+    READV = 18
 
 
 # Ops that change the replica: only on a connection opened with the current epoch.
@@ -160,6 +166,31 @@ def encode_request(
 
 def encode_json_request(op: int, tag: int, obj: Any) -> bytes:
     return encode_request(op, tag, payload=json.dumps(obj).encode())
+
+
+def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """READV's payload: the (offset, length) entries."""
+    return b"".join(READV_ENTRY.pack(off, n, 0) for off, n in ranges)
+
+
+def decode_ranges(payload: bytes, length: int, size: int) -> list[tuple[int, int]]:
+    """READV's payload back into (offset, length) entries; ValueError says what is wrong."""
+    count, rest = divmod(len(payload), READV_ENTRY.size)
+    if rest or not 0 < count <= READV_MAX_RANGES:
+        raise ValueError(
+            f"READV payload must be 1 to {READV_MAX_RANGES} entries of {READV_ENTRY.size} bytes"
+        )
+    ranges, total = [], 0
+    for off, n, reserved in READV_ENTRY.iter_unpack(payload):
+        if reserved or not n:
+            raise ValueError(f"READV entry {off}+{n}: zero length or reserved bits set")
+        if off + n > size:
+            raise ValueError(f"range {off}+{n} beyond size {size}")
+        ranges.append((off, n))
+        total += n
+    if total != length:
+        raise ValueError(f"READV length {length} is not the sum of its ranges ({total})")
+    return ranges
 
 
 def encode_response(tag: int, status: int = 0, payload: bytes = b"") -> bytes:
@@ -261,6 +292,13 @@ def validate(req: Request, size: int) -> tuple[int, str] | None:
             return Status.EINVAL, f"read of {req.length} bytes exceeds the limit"
         if op == Op.WRITE and req.length != len(req.payload):
             return Status.EINVAL, "write length differs from its payload"
+    if op == Op.READV:
+        if req.length > MAX_PAYLOAD:
+            return Status.EINVAL, f"read of {req.length} bytes exceeds the limit"
+        try:
+            decode_ranges(req.payload, req.length, size)
+        except ValueError as e:
+            return Status.EINVAL, str(e)
     if op in JSON_OPS:
         try:
             obj = req.json()

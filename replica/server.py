@@ -28,6 +28,7 @@ _FAULT_OPS = {
     op.value: op.name.lower()
     for op in (Op.READ, Op.WRITE, Op.FLUSH, Op.UNMAP, Op.WRITE_ZEROES, Op.CHECKSUM)
 }
+_FAULT_OPS[Op.READV] = "read"  # a vectored read is a read to the fault hooks
 
 
 class ReplicaStats:
@@ -186,6 +187,11 @@ class _Connection(asyncio.Protocol):
         try:
             if op == Op.READ:
                 data = self.store.read(req.offset, req.length)
+                stats.bytes_read += len(data)
+                self._send(p.encode_response(req.tag, 0, data))
+            elif op == Op.READV:
+                ranges = p.decode_ranges(req.payload, req.length, self.store.size)
+                data = b"".join(self.store.read(off, n) for off, n in ranges)
                 stats.bytes_read += len(data)
                 self._send(p.encode_response(req.tag, 0, data))
             elif op == Op.WRITE:

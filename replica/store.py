@@ -62,6 +62,7 @@ from replica.block import (
     MediumError,
     NoSpace,
     check_range,
+    is_zero,
 )
 from replica.faults import crash_point
 from replica.intent import WriteIntent
@@ -541,6 +542,22 @@ class ReplicaStore:
     def write_zeroes(self, offset: int, length: int, punch: bool = True) -> None:
         """Zero the range; punch=False keeps it allocated (NBD NO_HOLE)."""
         self._zero(offset, length, punch)
+
+    def put_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+        """Write many pieces (a rebuild's): each piece's data at its offset, except that a
+        piece of all zeros is unmapped instead (it reads the same and keeps the replica thin).
+        Returns the bytes unmapped."""
+        unmapped = 0
+        for off, data in pieces:
+            if is_zero(data):
+                self.unmap(off, len(data))
+                unmapped += len(data)
+            else:
+                self.write(off, data)
+        return unmapped
+
+    def read_pieces(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return [self.read(off, n) for off, n in ranges]
 
     def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
         """Record the write intent of many coming mutations with one sync (see

@@ -117,6 +117,26 @@ REPLICA = {
             rp.encode_json_request(Op.RESIZE, 11, {"size": SIZE}),
         ]
     ),
+    "readv": b"".join(
+        [
+            open_(1),
+            write(2, 5 * BLOCK, pattern(2 * BLOCK, 3)),
+            req(
+                Op.READV,
+                3,
+                0,
+                3 * BLOCK + 10,
+                payload=rp.encode_ranges(
+                    [(5 * BLOCK, BLOCK), (0, BLOCK), (6 * BLOCK - 5, 10), (5 * BLOCK, BLOCK)]
+                ),
+            ),
+            write(4, 5 * BLOCK, pattern(100, 4)),  # waits for the READV's span
+            req(Op.READV, 5, 0, 1, payload=rp.READV_ENTRY.pack(0, 1, 9)),  # reserved bits
+            req(Op.READV, 6, 0, 10, payload=rp.encode_ranges([(SIZE - 5, 10)])),  # beyond
+            req(Op.READV, 7, 0, 2, payload=rp.encode_ranges([(0, 1)])),  # length != sum
+            req(Op.READV, 8, 0, 0),  # no entries
+        ]
+    ),
     "bad_magic": req(Op.PING, 1) + b"XXXX" + bytes(28) + req(Op.PING, 2),
     "oversize": req(Op.PING, 1)
     + struct.pack("<IBBHQQII", rp.REQ_MAGIC, Op.WRITE, 0, 0, 2, 0, 0, 2**32 - 1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import subprocess
 import sys
@@ -15,16 +16,15 @@ from replica.client import ReplicaClient, ReplicaError
 from tests.procs import HOST, Proc, free_port, http_json, wait_port
 
 
-@pytest.fixture
-def replica(tmp_path: Path):  # type: ignore[no-untyped-def]
+def start_replica(tmp_path: Path, name: str = "r") -> tuple[Proc, int, int]:
     data, api = free_port(), free_port()
     proc = Proc(
-        "replica",
+        f"replica-{name}",
         [
             "replica",
             "serve",
             "--dir",
-            str(tmp_path / "r"),
+            str(tmp_path / name),
             "--size",
             "16M",
             "--volume",
@@ -38,6 +38,12 @@ def replica(tmp_path: Path):  # type: ignore[no-untyped-def]
     )
     proc.start()
     wait_port(data, proc.proc)
+    return proc, data, api
+
+
+@pytest.fixture
+def replica(tmp_path: Path):  # type: ignore[no-untyped-def]
+    proc, data, api = start_replica(tmp_path)
     yield proc, data, api
     proc.stop()
 
@@ -85,6 +91,75 @@ def test_errors_carry_codes_and_connection_survives(replica) -> None:  # type: i
         c.close()
 
     run(scenario())
+
+
+def test_readv_answers_ranges_back_to_back_and_refuses_bad_ones(replica) -> None:  # type: ignore[no-untyped-def]
+    _proc, data, _api = replica
+
+    async def scenario() -> None:
+        c = ReplicaClient(f"{HOST}:{data}")
+        await c.connect()
+        await c.open(1)
+        await c.write(8192, bytes(range(256)) * 64)
+        await c.write(1 << 20, b"\x07" * 10_000)
+        ranges = [(8192 + 100, 50), (0, 4096), (1 << 20, 10_000), (8192, 16), (15 << 20, 9)]
+        want = b"".join([await c.read(off, n) for off, n in ranges])
+        assert await c.readv(ranges) == want
+        assert await c.readv([(8192, 1)] * p.READV_MAX_RANGES) == b"\x00" * p.READV_MAX_RANGES
+        bad = [
+            (0, b""),  # no entries
+            (4096, p.encode_ranges([(16 << 20, 4096)])),  # beyond the size
+            (8192, p.encode_ranges([(0, 4096)])),  # length is not the sum
+            (1, p.READV_ENTRY.pack(0, 1, 1)),  # reserved bits
+            (1, p.encode_ranges([(0, 1)]) + b"\0"),  # not whole entries
+        ]
+        for length, payload in bad:
+            resp = await c._submit(p.Op.READV, 0, length, payload=payload)
+            assert resp.status == p.Status.EINVAL, (length, payload, resp.message)
+            assert "READV" in resp.message or "beyond" in resp.message
+        assert await c.readv([(8192, 4)]) == bytes(range(4))  # the connection survived
+        c.close()
+
+    run(scenario())
+
+
+def test_copy_from_of_scattered_small_pieces(replica, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An incremental catch-up: many scattered pieces (grouped into READVs), some of them
+    zeros on the source (holes here afterwards), some unaligned, over stale data."""
+    _proc, data, _api = replica
+    src_proc, src_port, _ = start_replica(tmp_path, "src")
+
+    async def scenario() -> None:
+        src, dst = ReplicaClient(f"{HOST}:{src_port}"), ReplicaClient(f"{HOST}:{data}")
+        for c in (src, dst):
+            await c.connect()
+            await c.open(1)
+        rng = random.Random(5)
+        blocks = sorted(rng.sample(range(4096), 700))
+        ranges = []
+        for i, b in enumerate(blocks):
+            off, n = b * 4096, 4096
+            if i % 7 == 3:
+                off, n = off + 100, 1000  # unaligned
+            if i % 5 != 0:  # every fifth stays zeros on the source
+                await src.write(off, rng.randbytes(n))
+            await dst.write(b * 4096, b"stale" * 800)
+            ranges.append((off, n))
+        stats = await dst.copy_from(f"{HOST}:{src_port}", ranges)
+        assert stats["pieces"] == len(ranges)
+        assert stats["unmapped"] == sum(n for i, (_, n) in enumerate(ranges) if i % 5 == 0)
+        assert stats["copied"] + stats["unmapped"] == sum(n for _, n in ranges)
+        for off, n in ranges:
+            assert await dst.read(off, n) == await src.read(off, n), (off, n)
+        # Outside the copied pieces the stale data stays: nothing else was touched.
+        assert await dst.read(blocks[3] * 4096, 100) == (b"stale" * 20)
+        for c in (src, dst):
+            c.close()
+
+    try:
+        run(scenario())
+    finally:
+        src_proc.stop()
 
 
 def test_garbage_is_rejected_without_crashing(replica) -> None:  # type: ignore[no-untyped-def]

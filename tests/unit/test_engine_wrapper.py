@@ -161,6 +161,37 @@ def test_read_write_unaligned_and_holes(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_store_batches_on_pythons_behalf_go_through_the_engine(tmp_path: Path) -> None:
+    """EngineStore.put_pieces/read_pieces (a rebuild's batches): one engine call each, in
+    order with the connections' requests; zero pieces become holes; a bad piece fails the
+    batch with a clear error while the others are done."""
+    from replica.block import OutOfRange
+    from replica.native_server import EngineStore
+
+    async def scenario() -> None:
+        async with served(tmp_path) as s:
+            c = await s.client()
+            await c.write(0, b"o" * (8 * BLOCK))
+            store = EngineStore(s.server)
+            pieces = [(BLOCK, b"a" * BLOCK), (3 * BLOCK, bytes(BLOCK)), (5 * BLOCK + 7, b"bc")]
+            assert store.put_pieces(pieces) == BLOCK  # the zero piece was unmapped
+            got = store.read_pieces([(off, len(d)) for off, d in pieces] + [(0, 3)])
+            assert got == [d for _, d in pieces] + [b"ooo"]
+            ext = [(e.offset, e.length, e.flags) for e in await c.block_status(0, 8 * BLOCK)]
+            assert (3 * BLOCK, BLOCK, 3) in ext
+            assert await c.read(5 * BLOCK + 6, 4) == b"obco"  # the connection sees them
+            eng = s.server._engine
+            assert eng is not None
+            with pytest.raises(OSError):
+                eng.iov([(Op.WRITE, 0, BLOCK, b"z" * BLOCK, 0), (Op.READ, SIZE, BLOCK, None, 0)])
+            assert await c.read(0, 2) == b"zz"  # the good one of the failed batch was done
+            with pytest.raises(OutOfRange):
+                store.read_pieces([(0, 1), (SIZE, 1)])
+            assert store.put_pieces([]) == 0 and store.read_pieces([]) == []
+
+    run(scenario())
+
+
 def test_unmap_and_write_zeroes_follow_the_store_rules(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with served(tmp_path) as s:

@@ -67,6 +67,38 @@ def test_validate_refuses(req: p.Request, status: int) -> None:
     assert refusal is not None and refusal[0] == status
 
 
+def _readv(
+    ranges: list[tuple[int, int]], length: int | None = None, extra: bytes = b""
+) -> p.Request:
+    total = sum(n for _, n in ranges) if length is None else length
+    return p.Request(Op.READV, 1, length=total, payload=p.encode_ranges(ranges) + extra)
+
+
+@pytest.mark.parametrize(
+    ("req", "why"),
+    [
+        (_readv([]), "1 to 1024 entries"),
+        (_readv([(0, 4096)], extra=b"x"), "1 to 1024 entries"),
+        (_readv([(0, 1)] * (p.READV_MAX_RANGES + 1)), "1 to 1024 entries"),
+        (_readv([(0, 0)]), "zero length"),
+        (p.Request(Op.READV, 1, length=1, payload=p.READV_ENTRY.pack(0, 1, 7)), "reserved"),
+        (_readv([(4096, 1 << 20)]), "beyond size"),
+        (_readv([(0, 10), (20, 10)], length=30), "not the sum"),
+        (_readv([(0, 4096)], length=p.MAX_PAYLOAD + 1), "exceeds the limit"),
+    ],
+)
+def test_validate_refuses_bad_readv(req: p.Request, why: str) -> None:
+    refusal = p.validate(req, 1 << 20)
+    assert refusal is not None and refusal[0] == Status.EINVAL and why in refusal[1]
+
+
+def test_readv_ranges_round_trip() -> None:
+    ranges = [(0, 1), (4096, 4096), (12345, 678), (0, 1)]  # overlapping is allowed
+    req = _readv(ranges)
+    assert p.validate(req, 1 << 20) is None
+    assert p.decode_ranges(req.payload, req.length, 1 << 20) == ranges
+
+
 def test_validate_accepts_in_range() -> None:
     assert p.validate(p.Request(Op.READ, 1, offset=4096, length=4096), 8192) is None
     assert p.validate(p.Request(Op.OPEN, 1, payload=b'{"epoch": 3}'), 8192) is None
