@@ -325,35 +325,34 @@ class Engine:
     def io(
         self, op: int, offset: int, length: int, data: bytes | None = None, flags: int = 0
     ) -> bytes:
-        """One READ/WRITE/UNMAP/WRITE_ZEROES of the replica store (see `iov`)."""
-        return self.iov([(op, offset, length, data, flags)])[0]
+        """One READ/WRITE/UNMAP/WRITE_ZEROES of the replica store (see `iov`); returns what
+        a READ read."""
+        if op == 1:  # READ
+            out = bytearray(length)
+            self.iov([(op, offset, length, flags, 0)], out)
+            return bytes(out)
+        self.iov([(op, offset, length, flags, 0)], data)
+        return b""
 
-    def iov(self, ios: list[tuple[int, int, int, bytes | None, int]]) -> list[bytes]:
-        """READs, WRITEs, UNMAPs and WRITE_ZEROES, each (op, offset, length, data, flags), of
+    def iov(
+        self, ios: list[tuple[int, int, int, int, int]], buf: bytes | bytearray | None = None
+    ) -> None:
+        """READs, WRITEs, UNMAPs and WRITE_ZEROES, each (op, offset, length, flags, at), of
         the replica store on Python's behalf, through the engine (ordered with the
-        connections' requests, intent-logged, mapped) and all at once. Blocks until all are
-        done; returns what each READ read (b"" for the others). OSError(errno) of the first
-        that failed."""
+        connections' requests, intent-logged, mapped) and all at once: a WRITE's data is
+        buf[at:at + length], a READ reads into there (buf then a bytearray). Blocks until
+        all are done; OSError(errno) of the first that failed."""
         arr = ffi.new("struct tandem_io[]", len(ios))
-        keep: list[Any] = []  # the buffers must outlive the call
-        outs: list[bytearray | None] = []
-        for i, (op, offset, length, data, flags) in enumerate(ios):
-            io = arr[i]
-            io.op, io.flags, io.offset, io.length = op, flags, offset, length
-            out = None
-            if data is not None:
-                if len(data):
-                    keep.append(ffi.from_buffer(data))
-                    io.buf = keep[-1]
-            elif op == 1 and length:  # READ
-                out = bytearray(length)
-                keep.append(ffi.from_buffer(out))
-                io.buf = keep[-1]
-            outs.append(out)
+        base = ffi.from_buffer(buf) if buf else ffi.NULL
+        for io, (op, offset, length, flags, at) in zip(arr, ios, strict=True):
+            io.op, io.offset, io.length, io.flags = op, offset, length, flags
+            if op in (1, 2) and length:  # READ, WRITE
+                if at < 0 or at + length > len(buf or b""):
+                    raise ValueError(f"piece {at}+{length} is outside the buffer")
+                io.buf = base + at
         rc = lib.tandem_replica_iov(self._live, arr, len(ios))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
-        return [bytes(o) if o is not None else b"" for o in outs]
 
     def replica_stats(self) -> dict[str, Any]:
         """The engine's replica counters (a snapshot; the last one once closed)."""

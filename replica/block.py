@@ -62,8 +62,3 @@ def check_range(size: int, offset: int, length: int) -> None:
     """Raise OutOfRange unless [offset, offset+length) lies within a device of `size` bytes."""
     if offset < 0 or length < 0 or offset + length > size:
         raise OutOfRange(f"range {offset}+{length} is outside the device (size {size})")
-
-
-def is_zero(data: bytes) -> bool:
-    """All zero bytes (a piece a rebuild can leave as a hole)."""
-    return data.count(0) == len(data)

@@ -24,7 +24,7 @@ from typing import Any
 from native import engine as ne
 from replica import faults
 from replica import protocol as p
-from replica.block import BlockError, MediumError, NoSpace, check_range, is_zero
+from replica.block import BlockError, MediumError, NoSpace, check_range
 from replica.protocol import Op, Request
 from replica.rebuild import Puller
 from replica.server import ReplicaServer, ReplicaStats, _Connection
@@ -151,10 +151,14 @@ class EngineStore:
             raise _store_error(e, f"{what} {off}+{n}") from e
 
     def _iov(
-        self, eng: ne.Engine, what: str, ios: list[tuple[int, int, int, bytes | None, int]]
-    ) -> list[bytes]:
+        self,
+        eng: ne.Engine,
+        what: str,
+        ios: list[tuple[int, int, int, int, int]],
+        buf: bytes | bytearray,
+    ) -> None:
         try:
-            return eng.iov(ios)
+            eng.iov(ios, buf)
         except OSError as e:
             raise _store_error(e, f"{what} of {len(ios)} pieces") from e
 
@@ -177,29 +181,34 @@ class EngineStore:
             self._io(eng, "zero", Op.UNMAP, offset, length, data=b"")
         return None
 
-    def put_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+    def put_pieces(self, ranges: list[tuple[int, int]], data: bytes) -> int:
         """ReplicaStore.put_pieces in one engine call."""
         if (eng := self._engine()) is None:
-            return self._store.put_pieces(pieces)
-        ios: list[tuple[int, int, int, bytes | None, int]] = []
-        unmapped = 0
-        for off, data in pieces:
-            check_range(self._store.size, off, len(data))
-            if is_zero(data):
-                ios.append((Op.UNMAP, off, len(data), b"", 0))
-                unmapped += len(data)
+            return self._store.put_pieces(ranges, data)
+        ios, pos, unmapped = [], 0, 0
+        for off, n in ranges:
+            check_range(self._store.size, off, n)
+            if data.count(0, pos, pos + n) == n:
+                ios.append((Op.UNMAP, off, n, 0, -1))
+                unmapped += n
             else:
-                ios.append((Op.WRITE, off, len(data), data, 0))
-        self._iov(eng, "write", ios)
+                ios.append((Op.WRITE, off, n, 0, pos))
+            pos += n
+        self._iov(eng, "write", ios, data)
         return unmapped
 
-    def read_pieces(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def read_pieces(self, ranges: list[tuple[int, int]]) -> bytes:
         """ReplicaStore.read_pieces in one engine call."""
         if (eng := self._engine()) is None:
             return self._store.read_pieces(ranges)
+        ios, pos = [], 0
         for off, n in ranges:
             check_range(self._store.size, off, n)
-        return self._iov(eng, "read", [(Op.READ, off, n, None, 0) for off, n in ranges])
+            ios.append((Op.READ, off, n, 0, pos))
+            pos += n
+        out = bytearray(pos)
+        self._iov(eng, "read", ios, out)
+        return bytes(out)
 
     async def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
         """ReplicaStore.prepare_writes with the engine paused: it owns the intent log."""

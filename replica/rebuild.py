@@ -143,14 +143,10 @@ class Puller:
         """Small pieces: one READV, then their local writes and read-back at once."""
         stats["pieces"] += len(group)
         data = await _ask(src.readv(group))
-        parts, pos = [], 0
-        for off, n in group:
-            parts.append((off, data[pos : pos + n]))
-            pos += n
-        unmapped = self.store.put_pieces(parts)
+        unmapped = self.store.put_pieces(group, data)
         stats["unmapped"] += unmapped
         stats["copied"] += len(data) - unmapped
-        if b"".join(self.store.read_pieces(group)) != data:
+        if self.store.read_pieces(group) != data:
             raise CopyMismatch(f"{len(group)} pieces from {group[0][0]} differ after the copy")
 
     async def _piece(

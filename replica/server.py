@@ -296,6 +296,9 @@ class _Connection(asyncio.Protocol):
                 self._send(p.encode_response(req.tag, 0, json.dumps(stats).encode()))
             except BlockError as e:
                 self._send(p.encode_error(req.tag, e.errno, str(e)))
+            except Exception as e:  # a bug must not leave the target waiting for an answer
+                log.exception("COPY_FROM from %s failed", source)
+                self._send(p.encode_error(req.tag, Status.EIO, f"copy failed: {e!r}"))
 
         task = asyncio.ensure_future(run())
         self.server._tasks.add(task)

@@ -62,7 +62,6 @@ from replica.block import (
     MediumError,
     NoSpace,
     check_range,
-    is_zero,
 )
 from replica.faults import crash_point
 from replica.intent import WriteIntent
@@ -543,21 +542,24 @@ class ReplicaStore:
         """Zero the range; punch=False keeps it allocated (NBD NO_HOLE)."""
         self._zero(offset, length, punch)
 
-    def put_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
-        """Write many pieces (a rebuild's): each piece's data at its offset, except that a
-        piece of all zeros is unmapped instead (it reads the same and keeps the replica thin).
-        Returns the bytes unmapped."""
-        unmapped = 0
-        for off, data in pieces:
-            if is_zero(data):
-                self.unmap(off, len(data))
-                unmapped += len(data)
-            else:
-                self.write(off, data)
+    def put_pieces(self, ranges: list[tuple[int, int]], data: bytes) -> int:
+        """Write many pieces (a rebuild's), their data back to back in `data`, except that
+        a piece of all zeros is unmapped instead (it reads the same and keeps the replica
+        thin). Returns the bytes unmapped."""
+        unmapped, pos = 0, 0
+        with memoryview(data) as view:
+            for off, n in ranges:
+                if data.count(0, pos, pos + n) == n:
+                    self.unmap(off, n)
+                    unmapped += n
+                else:
+                    self.write(off, view[pos : pos + n])
+                pos += n
         return unmapped
 
-    def read_pieces(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return [self.read(off, n) for off, n in ranges]
+    def read_pieces(self, ranges: list[tuple[int, int]]) -> bytes:
+        """The data of the pieces, back to back."""
+        return b"".join(self.read(off, n) for off, n in ranges)
 
     def prepare_writes(self, ranges: list[tuple[int, int]]) -> None:
         """Record the write intent of many coming mutations with one sync (see

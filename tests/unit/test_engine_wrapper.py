@@ -173,21 +173,25 @@ def test_store_batches_on_pythons_behalf_go_through_the_engine(tmp_path: Path) -
             c = await s.client()
             await c.write(0, b"o" * (8 * BLOCK))
             store = EngineStore(s.server)
-            pieces = [(BLOCK, b"a" * BLOCK), (3 * BLOCK, bytes(BLOCK)), (5 * BLOCK + 7, b"bc")]
-            assert store.put_pieces(pieces) == BLOCK  # the zero piece was unmapped
-            got = store.read_pieces([(off, len(d)) for off, d in pieces] + [(0, 3)])
-            assert got == [d for _, d in pieces] + [b"ooo"]
+            ranges = [(BLOCK, BLOCK), (3 * BLOCK, BLOCK), (5 * BLOCK + 7, 2)]
+            data = b"a" * BLOCK + bytes(BLOCK) + b"bc"
+            assert store.put_pieces(ranges, data) == BLOCK  # the zero piece was unmapped
+            assert store.read_pieces([*ranges, (0, 3)]) == data + b"ooo"
             ext = [(e.offset, e.length, e.flags) for e in await c.block_status(0, 8 * BLOCK)]
             assert (3 * BLOCK, BLOCK, 3) in ext
             assert await c.read(5 * BLOCK + 6, 4) == b"obco"  # the connection sees them
             eng = s.server._engine
             assert eng is not None
             with pytest.raises(OSError):
-                eng.iov([(Op.WRITE, 0, BLOCK, b"z" * BLOCK, 0), (Op.READ, SIZE, BLOCK, None, 0)])
+                eng.iov([(Op.WRITE, 0, BLOCK, 0, 0), (Op.READ, SIZE, BLOCK, 0, 0)], b"z" * BLOCK)
             assert await c.read(0, 2) == b"zz"  # the good one of the failed batch was done
+            with pytest.raises(ValueError, match="outside the buffer"):
+                eng.iov([(Op.WRITE, 0, BLOCK, 0, 1)], b"z" * BLOCK)
             with pytest.raises(OutOfRange):
                 store.read_pieces([(0, 1), (SIZE, 1)])
-            assert store.put_pieces([]) == 0 and store.read_pieces([]) == []
+            assert store.put_pieces([], b"") == 0 and store.read_pieces([]) == b""
+            # The Python store does the same.
+            assert s.store.read_pieces([*ranges, (0, 3)]) == data + b"zzz"
 
     run(scenario())
 
@@ -588,5 +592,26 @@ def test_copy_from_pulls_through_the_engine_while_io_goes_on(tmp_path: Path) -> 
             region = dst.store.intent.region
             assert len(dst.server.info()["dirty_regions"]) >= 1
             assert dst.store.intent.marked[(SIZE - 1) // region] == 1
+
+    run(scenario())
+
+
+def test_copy_from_that_fails_unexpectedly_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the puller (not a BlockError) answers EIO at once: the target must not wait
+    for its copy deadline."""
+
+    async def broken(*_args: object, **_kw: object) -> dict[str, int]:
+        raise RuntimeError("a bug")
+
+    async def scenario() -> None:
+        async with Served(tmp_path / "src") as src, Served(tmp_path / "dst") as dst:
+            monkeypatch.setattr(dst.server.puller, "copy", broken)
+            b = await dst.client()
+            with pytest.raises(ReplicaError, match="a bug") as e:
+                await asyncio.wait_for(b.copy_from(src.address, [(0, BLOCK)]), 5)
+            assert e.value.errno == p.Status.EIO
+            await b.ping()  # the connection goes on
 
     run(scenario())
