@@ -287,6 +287,48 @@ def test_broken_input_rejected_or_closed_target_stays_up(vol: Cluster) -> None:
     run(scenario())
 
 
+def test_too_many_immediate_commands_are_rejected(vol: Cluster) -> None:
+    """Immediate commands bypass the CmdSN window, so their number in flight is bounded
+    (32): one more is Rejected (too many immediate commands); once one finishes, another is
+    taken again. A data segment far beyond the receive buffer (2 MiB) is refused and skipped
+    like any oversized one."""
+
+    async def scenario() -> None:
+        ini = await session(vol, InitialR2T="Yes", ImmediateData="No")
+        data = bytes(range(256)) * 2
+        held = []
+        for i in range(32):  # each waits for its Data-Out (R2T), so stays in flight
+            held.append(await ini.start(write10(i, 1), data=data, immediate=True))
+        r2ts = {}
+        for _ in held:
+            r2t = await ini.recv()
+            assert isinstance(r2t, p.R2T), r2t
+            r2ts[r2t.itt] = r2t
+        extra = await ini.start(write10(40, 1), data=data, immediate=True)
+        rej = await ini.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.IMMEDIATE_REJECT
+        assert rej.data[16:20] == extra.itt.to_bytes(4, "big")  # the rejected PDU's header
+        first = held.pop(0)
+        await ini.send_data(first, r2ts[first.itt].ttt, data, 0, len(data))
+        res = await ini.recv()
+        assert isinstance(res, p.ScsiResponse) and res.itt == first.itt and res.status == 0
+        again = await ini.command(read10(0, 1), read=512, immediate=True)  # room again
+        assert again.status == 0 and again.data == data
+        # 2 MiB of data on a NOP-Out: Reject, all of it skipped, the session goes on
+        big = p.NopOut(itt=ini.next_itt(), cmdsn=ini.next_cmdsn(), data=bytes(2 << 20))
+        await ini.send(big)
+        rej = await ini.recv()
+        assert isinstance(rej, p.Reject) and rej.reason == p.RejectReason.PROTOCOL_ERROR
+        ini.cmdsn -= 1  # that CmdSN was never received
+        for cmd in held:
+            await ini.send_data(cmd, r2ts[cmd.itt].ttt, data, 0, len(data))
+        assert set((await statuses(ini, held)).values()) == {0}
+        assert (await ini.command(read10(31, 1), read=512)).data == data
+        ini.close()
+
+    run(scenario())
+
+
 def test_random_pdus_never_disturb_other_sessions(vol: Cluster) -> None:
     """Framed PDUs with random fields (opcodes, flags, tags, CmdSNs, lengths, AHSs, CDBs,
     Data-Out offsets), a few sessions' worth: the target answers or drops them, and a
