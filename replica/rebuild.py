@@ -91,6 +91,7 @@ class Puller:
     def __init__(self, store: ReplicaStore) -> None:
         self.store = store
         self._sources: dict[str, ReplicaClient] = {}
+        self._no_readv: set[str] = set()  # sources of an older release (no READV)
 
     async def _source(self, address: str) -> ReplicaClient:
         client = self._sources.get(address)
@@ -141,8 +142,20 @@ class Puller:
         self, src: ReplicaClient, group: list[tuple[int, int]], stats: dict[str, int]
     ) -> None:
         """Small pieces: one READV, then their local writes and read-back at once."""
+        if src.address in self._no_readv:
+            for off, n in group:
+                await self._piece(src, off, n, False, stats)
+            return
+        try:
+            data = await src.readv(group)
+        except BlockError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise SourceError(f"source replica: {e}") from e
+            log.info("source %s has no READV: reading its pieces one by one", src.address)
+            self._no_readv.add(src.address)
+            await self._group(src, group, stats)
+            return
         stats["pieces"] += len(group)
-        data = await _ask(src.readv(group))
         unmapped = self.store.put_pieces(group, data)
         stats["unmapped"] += unmapped
         stats["copied"] += len(data) - unmapped

@@ -1,10 +1,18 @@
-"""Pure pieces of the rebuild: window grouping, region maps, range merging, rate limiting."""
+"""Pieces of the rebuild: window grouping, region maps, range merging, rate limiting, and
+the puller's fallback for a source without READV."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+import pytest
+
+from replica import protocol as p
+from replica.client import ReplicaClient
+from replica.server import ReplicaServer
+from replica.store import ReplicaStore
 from target.rebuild import Progress, RateLimiter, windows
 from target.regions import RegionMap, merge_ranges
 
@@ -64,3 +72,54 @@ def test_batches_bound_bytes_and_windows() -> None:
     assert [len(b) for b in got] == [4, 4, 2]
     big = list(windows([(0, 10 * MiB)], window=MiB))
     assert [len(b) for b in batches(iter(big), max_bytes=3 * MiB)] == [3, 3, 3, 1]
+
+
+def test_a_source_without_readv_is_read_piece_by_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source of an older release answers READV "unknown op" (ENOTSUP): the puller reads
+    its pieces one by one instead of failing the source (the target would drop it)."""
+    validate = p.validate
+    refused: list[int] = []
+
+    def old_release(req: p.Request, size: int) -> tuple[int, str] | None:
+        if req.op == p.Op.READV:
+            refused.append(req.tag)
+            return p.Status.ENOTSUP, f"unknown op {req.op}"
+        return validate(req, size)
+
+    monkeypatch.setattr(p, "validate", old_release)
+    size = 8 << 20
+
+    async def scenario() -> None:
+        stores = [ReplicaStore.create(tmp_path / n, size, "v") for n in ("src", "dst")]
+        servers = [ReplicaServer(s) for s in stores]
+        for srv in servers:
+            await srv.start("127.0.0.1", 0)
+        try:
+            src = f"127.0.0.1:{servers[0].port}"
+            ranges = [(i * 12288, 4096) for i in range(300)]
+            for i, (off, n) in enumerate(ranges):
+                if i % 3:
+                    stores[0].write(off, bytes([i % 251 + 1]) * n)
+            c = ReplicaClient(f"127.0.0.1:{servers[1].port}")
+            await c.connect()
+            await c.open(1)
+            for copy in range(2):
+                stats = await c.copy_from(src, ranges)
+                assert stats["pieces"] == len(ranges)
+                assert stats["unmapped"] == 100 * 4096
+                if copy == 0:
+                    assert 1 <= len(refused) <= 3  # the groups already in flight
+                    first = len(refused)
+            assert len(refused) == first  # the second copy went one by one at once
+            for off, n in ranges:
+                assert stores[1].read(off, n) == stores[0].read(off, n)
+            c.close()
+        finally:
+            for srv in servers:
+                await srv.close()
+            for st in stores:
+                st.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
