@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import re
@@ -75,6 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", type=csv, help="columns, e.g. tandem-nbd-1,nbdkit ('tandem': all)")
     p.add_argument("--workloads", type=csv, help=", ".join(w.name for w in WORKLOADS))
     p.add_argument("--json", type=Path, help="results file (default perf/results/<time>.json)")
+    p.add_argument(
+        "--tcp-replicas",
+        action="store_true",
+        help="the target reaches its replicas over loopback TCP, not their unix sockets",
+    )
     a = p.parse_args(argv)
     a.runtime = a.runtime or (3.0 if a.quick else 10.0)
     if a.rounds < 1 or a.runtime <= 0:
@@ -260,9 +266,12 @@ def run_io_suite(run: Run) -> tuple[dict[str, Any], report.Medians, list[str]]:
     medians and columns for the chart."""
     args, console = run.args, run.console
     feats = TandemFeatures.detect()
+    if args.tcp_replicas:
+        feats = dataclasses.replace(feats, replica_socket=False)
     console.print(
         f"Tandem: iSCSI frontend {'yes' if feats.iscsi else 'no'}, "
-        f"engines {', '.join(e or 'default' for e in feats.engines)}"
+        f"engines {', '.join(e or 'default' for e in feats.engines)}, replicas over "
+        f"{'unix sockets' if feats.replica_socket else 'TCP'}"
     )
     endpoints = run.plan(feats)
     fios = run.fio_binaries(endpoints)

@@ -216,6 +216,7 @@ class TandemFeatures:
     iqn_option: bool  # `--iqn`; without it the default iqn.2026-11.io.tandem:<volume> applies
     engines: tuple[str | None, ...]  # (None,) while there is no --engine option
     replica_engine: bool  # `tandem replica serve --engine` too
+    replica_socket: bool  # `tandem replica serve --socket PATH`: the target on this host uses it
 
     @classmethod
     def detect(cls) -> TandemFeatures:
@@ -237,6 +238,7 @@ class TandemFeatures:
             iqn_option=bool(re.search(r"--iqn\b", target)),
             engines=engines,
             replica_engine=bool(re.search(r"--engine\b", replica)),
+            replica_socket=bool(re.search(r"--socket\b", replica)),
         )
 
 
@@ -321,6 +323,8 @@ class TandemVolume(Deployment):
             argv = [*TANDEM, "replica", "serve", "--dir", str(self.dir / f"r{i}")]
             argv += ["--size", str(self.size), "--volume", self.volume]
             argv += ["--listen", f"{HOST}:{data}", "--api", f"{HOST}:{free_port()}"]
+            if self.feats.replica_socket:  # replicas on this host, as a co-located replica is
+                argv += ["--socket", str(self.dir / f"r{i}.sock")]
             r = self.child(f"replica-{i}", argv + (engine if self.feats.replica_engine else []))
             r.wait_listening(data)
             addrs.append(f"{HOST}:{data}")

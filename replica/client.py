@@ -17,6 +17,7 @@ from typing import Any
 from replica import protocol as p
 from replica.block import BlockError, Extent, MediumError, NoSpace, OutOfRange
 from replica.protocol import Op
+from replica.transport import tune
 
 _ERRORS: dict[int, type[BlockError]] = {
     errno.ENOSPC: NoSpace,
@@ -45,8 +46,9 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class ReplicaClient(asyncio.Protocol):
-    def __init__(self, address: str, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, timeout: float = 5.0, route: str | None = None) -> None:
         self.address = address
+        self.route = route  # a unix socket path to reach it by instead (replica/transport.py)
         self.timeout = timeout
         self._decoder = p.ResponseDecoder()
         self._pending: dict[int, tuple[asyncio.Future[p.Response], float]] = {}
@@ -66,12 +68,16 @@ class ReplicaClient(asyncio.Protocol):
         host, port = parse_address(self.address)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, host, port),
-                connect_timeout or self.timeout,
-            )
+            if self.route:
+                opening = loop.create_unix_connection(lambda: self, self.route)
+            else:
+                opening = loop.create_connection(lambda: self, host, port)
+            await asyncio.wait_for(opening, connect_timeout or self.timeout)
+            if self.route and self._transport is not None:
+                tune(self._transport.get_extra_info("socket"))
         except (OSError, TimeoutError) as e:
-            raise ReplicaDown(f"replica {self.address}: cannot connect: {e}") from e
+            via = f" via {self.route}" if self.route else ""
+            raise ReplicaDown(f"replica {self.address}{via}: cannot connect: {e}") from e
         self._closed_reason = None
         self._watchdog = asyncio.create_task(self._watch())
 

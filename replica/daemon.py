@@ -31,6 +31,7 @@ async def serve_replica(
     volume: str,
     debug_api: bool = False,
     engine: str = "auto",
+    socket_path: str | None = None,
 ) -> None:
     # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
     stop = asyncio.Event()
@@ -53,7 +54,7 @@ async def serve_replica(
     ahost, aport = parse_address(api)
     faults.load_env_faults()
     web = WebServer(make_app(server, debug=debug_api), ahost, aport)
-    await server.start(host, port)
+    await server.start(host, port, socket_path)
     await web.start()
     print(
         f"replica {directory}: data {host}:{server.port} api http://{ahost}:{web.port}", flush=True

@@ -29,6 +29,7 @@ from replica.protocol import Op, Request
 from replica.rebuild import Puller
 from replica.server import ReplicaServer, ReplicaStats, _Connection
 from replica.store import ReplicaStore
+from replica.transport import listen_tcp, listen_unix, tune, unlink_socket
 
 log = logging.getLogger("tandem.replica")
 
@@ -243,6 +244,8 @@ class NativeReplicaServer(ne.EngineHandler):
         self.port = 0
         self._engine: ne.Engine | None = None
         self._sock: socket.socket | None = None
+        self._unix: socket.socket | None = None
+        self.socket_path: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: dict[int, _Conn] = {}
         self._ids = 0
@@ -256,11 +259,18 @@ class NativeReplicaServer(ne.EngineHandler):
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, socket_path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._sock = _listen(host, port)
+        self._sock = listen_tcp(host, port)
         self.port = self._sock.getsockname()[1]
+        if socket_path:
+            try:
+                self._unix = listen_unix(socket_path)
+            except BaseException:
+                self._sock.close()
+                raise
+            self.socket_path = socket_path
         engine = ne.Engine(self)
         try:
             engine.attach(loop)
@@ -271,16 +281,24 @@ class NativeReplicaServer(ne.EngineHandler):
         except BaseException:
             engine.close()
             self._engine = None
-            self._sock.close()
+            for sock in (self._sock, self._unix):
+                if sock is not None:
+                    sock.close()
             raise
-        loop.add_reader(self._sock.fileno(), self._accept)
+        for sock in (self._sock, self._unix):
+            if sock is not None:
+                loop.add_reader(sock.fileno(), self._accept, sock)
         log.info("replica data protocol on %s:%d", host, self.port)
+        if socket_path:
+            log.info("replica data protocol on unix socket %s", socket_path)
 
     async def close(self) -> None:
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._unix):
+            if sock is not None and self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sock = self._unix = None
+        unlink_socket(self.socket_path)
         _unwatch_faults(self._push_faults)
         self.puller.close()
         if self._engine is not None:
@@ -291,11 +309,11 @@ class NativeReplicaServer(ne.EngineHandler):
         self.stats.py.connections = 0
         self.state = "closed"
 
-    def _accept(self) -> None:
-        assert self._sock is not None and self._engine is not None
+    def _accept(self, listener: socket.socket) -> None:
+        assert self._engine is not None
         while True:
             try:
-                sock, addr = self._sock.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: try again on the next readiness
@@ -303,14 +321,13 @@ class NativeReplicaServer(ne.EngineHandler):
                 return
             try:
                 sock.setblocking(True)  # io_uring polls for it; O_NONBLOCK would return EAGAIN
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tune(sock)
             except OSError:
                 sock.close()
                 continue
             self._ids += 1
             cid = self._ids
-            self._conns[cid] = _Conn(str(addr))
+            self._conns[cid] = _Conn(str(addr) or "unix")
             self.stats.py.connections += 1
             self._engine.add_conn(cid, sock.detach(), ne.CONN_REPLICA_SERVER)
 
@@ -437,22 +454,6 @@ class NativeReplicaServer(ne.EngineHandler):
         capture.late = True  # what the request sends from now on goes out by itself
         if self._engine is not None:
             self._engine.reply(up.conn, b"".join(capture.out), action, epoch)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket like asyncio's create_server makes (SO_REUSEADDR, non-blocking)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # --- mirroring replica/faults.py into engines ----------------------------------------------

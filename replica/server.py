@@ -8,6 +8,7 @@ to a worker thread, so one connection's flush never stalls the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -19,7 +20,8 @@ from replica import protocol as p
 from replica.block import BlockError, check_range
 from replica.protocol import Op, Request, Status
 from replica.rebuild import Puller
-from replica.store import MAX_ATTRS_BYTES, Fenced, ReplicaStore, StoreError
+from replica.store import MAX_ATTRS_BYTES, Fenced, ReplicaStore, StoreError, current_boot_id
+from replica.transport import listen_unix, tune, unlink_socket
 
 log = logging.getLogger("tandem.replica")
 
@@ -48,23 +50,34 @@ class ReplicaServer:
         self.stats = ReplicaStats()
         self.state = "open"
         self._server: asyncio.Server | None = None
+        self._unix: asyncio.Server | None = None
+        self.socket_path: str | None = None
         self._conns: set[_Connection] = set()
         self._tasks: set[asyncio.Future[None]] = set()
         self.puller = Puller(store)
         self.port = 0
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, socket_path: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("replica data protocol on %s:%d", host, self.port)
+        if socket_path:
+            sock = listen_unix(socket_path)
+            self._unix = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+            self.socket_path = socket_path
+            log.info("replica data protocol on unix socket %s", socket_path)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for conn in list(self._conns):
-                conn.abort()
-            await self._server.wait_closed()
+        for server in (self._server, self._unix):
+            if server is not None:
+                server.close()
+        for conn in list(self._conns):
+            conn.abort()
+        for server in (self._server, self._unix):
+            if server is not None:
+                await server.wait_closed()
+        unlink_socket(self.socket_path)
         self.puller.close()
         self.state = "closed"
 
@@ -84,6 +97,8 @@ class ReplicaServer:
             "snapshots": self.store.snapshots(),
             "dirty_regions": self.store.dirty_regions(),
             "state": self.state,
+            "socket": self.socket_path,  # for a target on this host (replica/transport.py)
+            "boot_id": current_boot_id(),
         }
 
 
@@ -101,6 +116,9 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = str(transport.get_extra_info("peername"))
+        if (sock := transport.get_extra_info("socket")) is not None:
+            with contextlib.suppress(OSError):
+                tune(sock)
         self.server._conns.add(self)
         self.server.stats.connections += 1
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from native import engine as ne
+from replica.transport import listen_tcp
 from target.frontends.nbd import protocol as p
 from target.frontends.nbd.server import READ_CHUNK, answer
 from target.native_device import EngineDevice
@@ -62,17 +63,7 @@ class NativeNbdServer:
     async def start(self, host: str = "127.0.0.1", port: int = 10809) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(128)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        sock = listen_tcp(host, port)
         self._sock = sock
         self.host, self.port = sock.getsockname()[:2]
         loop.add_reader(sock.fileno(), self._accept)

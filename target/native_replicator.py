@@ -36,6 +36,7 @@ from typing import Any
 from native import engine as ne
 from replica import protocol as p
 from replica.client import ReplicaDown, parse_address
+from replica.transport import tune
 from target.blockdev import BlockError, MediumError, check_range
 from target.native_device import engine_io
 from target.regions import RegionMap
@@ -101,22 +102,27 @@ class EngineRangeLock:
 
 
 async def open_data_socket(
-    address: str, key: int, uuid: str | None, timeout: float
+    address: str, key: int, uuid: str | None, timeout: float, route: str | None = None
 ) -> socket.socket:
-    """A data connection to a replica: connected, INFO'd (the same replica as the control
-    connection), OPENed with the member's fencing key; in blocking mode for the engine."""
+    """A data connection to a replica (through the unix socket `route` when given):
+    connected, INFO'd (the same replica as the control connection), OPENed with the
+    member's fencing key; in blocking mode for the engine."""
     loop = asyncio.get_running_loop()
     host, port = parse_address(address)
+    addr: Any = route
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        if route:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, _, _, addr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
         raise ReplicaDown(f"replica {address}: cannot connect: {e}") from e
     try:
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(sock)
         await loop.sock_sendall(
             sock,
             p.encode_request(p.Op.INFO, 1) + p.encode_json_request(p.Op.OPEN, 2, {"epoch": key}),
@@ -248,7 +254,8 @@ class NativeReplicator(Replicator):
         assert isinstance(m, NativeMember)
         await super()._open(m)
         m.close_data()
-        m.data_sock = await open_data_socket(m.address, m.key, m.uuid, self.timeout)
+        route = m.client.route if m.client is not None else None
+        m.data_sock = await open_data_socket(m.address, m.key, m.uuid, self.timeout, route)
 
     async def _probe(self, m: Member, selecting: bool = False) -> dict[str, Any]:
         assert isinstance(m, NativeMember)

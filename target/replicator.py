@@ -39,6 +39,7 @@ from typing import Any
 
 from replica.client import ReplicaClient, ReplicaDown
 from replica.faults import crash_point
+from replica.store import current_boot_id
 from target.blockdev import (
     BlockError,
     Extent,
@@ -89,6 +90,7 @@ class Member:
             "mode": self.mode.value,
             "error": self.error,
             "generation": self.generation,
+            "transport": "unix" if self.client is not None and self.client.route else "tcp",
             "rebuild": self.rebuild.as_dict() if self.rebuild else None,
             "rebuilds": self.rebuilds,
             "last_rebuild": self.last_rebuild,
@@ -499,6 +501,7 @@ class Replicator:
                 )
             if info.get("volume") and info["volume"] != self.volume:
                 raise BlockError(f"replica {m.address} belongs to volume {info['volume']!r}")
+            client, info = await self._local(client, info)
         except BaseException:
             client.close()
             raise
@@ -510,6 +513,30 @@ class Replicator:
             m.missed = None  # another replica at that address: nothing known about it
         m.uuid = info["uuid"]
         return info
+
+    async def _local(
+        self, client: ReplicaClient, info: dict[str, Any]
+    ) -> tuple[ReplicaClient, dict[str, Any]]:
+        """A replica on this host (same boot id) that serves a unix socket is reached through
+        it instead of TCP (replica/transport.py); TCP stays when the socket does not answer
+        or another replica answers it."""
+        path = info.get("socket")
+        if not path or info.get("boot_id") != current_boot_id():
+            return client, info
+        local = ReplicaClient(client.address, self.timeout, route=path)
+        try:
+            await local.connect()
+            local_info = await local.info()
+        except BlockError as e:
+            local.close()
+            log.info("replica %s: its socket is not usable (%s): TCP", client.address, e)
+            return client, info
+        if local_info.get("uuid") != info.get("uuid"):
+            local.close()
+            log.warning("replica %s: another replica answers at %s: TCP", client.address, path)
+            return client, info
+        client.close()
+        return local, local_info
 
     async def _open(self, m: Member) -> None:
         """OPEN with a fencing key never used before: the target's epoch in the high bits (an

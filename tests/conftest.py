@@ -11,7 +11,12 @@ from tests.procs import Cluster
 # The replica engine of the replica processes tests start, from TANDEM_ENGINE: auto, native
 # or python for every test; both (the default) runs these suites once on each engine and the
 # rest on auto. E.g. the whole suite on the native engine: TANDEM_ENGINE=native pytest -q
-REPLICA_SUITES = {"test_replica_server.py", "test_faults.py", "test_nbd_clients.py"}
+REPLICA_SUITES = {
+    "test_replica_server.py",
+    "test_faults.py",
+    "test_nbd_clients.py",
+    "test_replica_socket.py",
+}
 ENGINE_CHOICES = ("auto", "native", "python", "both")
 
 

@@ -132,9 +132,11 @@ class Cluster:
         volume: str = "vol",
         timeout: float = 2.0,
         env: dict[str, str] | None = None,
+        sockets: frozenset[int] = frozenset(),
     ) -> None:
         self.base, self.size, self.volume, self.timeout = base, size, volume, timeout
         self.env = env
+        self.sockets = sockets  # replicas that also serve a unix socket (the target uses it)
         self.log_dir = base / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.replica_ports = [(free_port(), free_port()) for _ in range(replicas)]
@@ -161,10 +163,14 @@ class Cluster:
                 f"{HOST}:{data}",
                 "--api",
                 f"{HOST}:{api}",
+                *(["--socket", str(self.socket_path(i))] if i in self.sockets else []),
             ],
             self.log_dir,
             self.env,
         )
+
+    def socket_path(self, i: int) -> Path:
+        return self.base / f"r{i}.sock"
 
     @property
     def replica_addresses(self) -> list[str]:
@@ -178,6 +184,7 @@ class Cluster:
         """Put a fault proxy between the target and replica i (before start_target)."""
         from tests.faultproxy import FaultProxy
 
+        assert i not in self.sockets, "the target would go around the proxy (unix socket)"
         self.proxies[i] = FaultProxy(self.replica_ports[i][0]).start()
         return self.proxies[i]
 

@@ -1,0 +1,99 @@
+"""A replica on the target's host reached through its unix socket (replica/transport.py):
+used by itself when the replica serves one, the same volume behaviour as over TCP (I/O,
+a replica killed and rebuilt), TCP again when the socket does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from replica.client import ReplicaClient
+from tests.procs import HOST, ROOT, Cluster
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, sockets=frozenset({0, 1}))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def transports(c: Cluster) -> list[str]:
+    by_addr = {r["address"]: r["transport"] for r in c.status()["replicas"]}
+    return [by_addr[a] for a in c.replica_addresses]
+
+
+async def checksums(address: str, size: int) -> list[int]:
+    client = ReplicaClient(address)
+    await client.connect()
+    try:
+        return [await client.checksum(off, 16 * MiB) for off in range(0, size, 16 * MiB)]
+    finally:
+        client.close()
+
+
+def write_read(uri: str, seed: int) -> None:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        data = {off: os.urandom(64 << 10) for off in range(seed * MiB, (seed + 4) * MiB, MiB)}
+        for off, d in data.items():
+            h.pwrite(d, off)
+        h.flush()
+        for off, d in data.items():
+            assert h.pread(len(d), off) == d
+    finally:
+        h.shutdown()
+
+
+def test_local_replicas_go_through_their_sockets(cluster: Cluster) -> None:
+    c = cluster
+    c.wait_modes(["RW", "RW", "RW"])
+    assert transports(c) == ["unix", "unix", "tcp"]
+    write_read(c.uri, 1)
+    # Replica 0 killed: dropped, restarted, rebuilt over its socket again, data intact.
+    c.replicas[0].kill9()
+    c.wait_modes(["ERR", "RW", "RW"])
+    write_read(c.uri, 10)
+    c.start_replica(0)
+    c.wait_modes(["RW", "RW", "RW"])
+    assert transports(c) == ["unix", "unix", "tcp"]
+    # Every replica holds the same bytes (checksums asked of each replica directly).
+    sums = [asyncio.run(checksums(f"{HOST}:{d}", c.size)) for d, _ in c.replica_ports]
+    assert sums[0] == sums[1] == sums[2]
+    assert c.target is not None
+    c.target.stop()
+    # A socket that no longer answers: the target falls back to TCP by itself.
+    os.unlink(c.socket_path(1))
+    c.start_target()
+    c.wait_modes(["RW", "RW", "RW"])
+    assert transports(c) == ["unix", "tcp", "tcp"]
+    write_read(c.uri, 20)
+    # A clean stop removes the socket file.
+    c.replicas[0].stop()
+    assert not c.socket_path(0).exists()
+
+
+def test_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "data.sock"
+    path.write_text("not a socket")
+    r = subprocess.run(
+        [sys.executable, "-m", "maya", "replica", "serve", "--dir", str(tmp_path / "r"),
+         "--size", "16M", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0",
+         "--socket", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "exists and is not a socket" in r.stderr
+    assert path.read_text() == "not a socket"
