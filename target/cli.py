@@ -202,13 +202,14 @@ def status(api: str, as_json: bool) -> None:
         f"epoch {vol['epoch']} generation {vol['generation']}, "
         f"quorum {vol['quorum']} of {vol['replica_count']}"
     )
-    table = Table("replica", "mode", "generation", "rebuild", "error")
+    table = Table("replica", "via", "mode", "generation", "rebuild", "error")
     for r in vol["replicas"]:
         rb = r.get("rebuild")
         progress = f"{rb['kind']} {rb['percent']}% ETA {rb['eta_seconds']}s" if rb else ""
         color = {"RW": "green", "WO": "yellow", "ERR": "red"}.get(r["mode"], "")
         table.add_row(
             r["address"],
+            r.get("transport", ""),
             f"[{color}]{r['mode']}[/]",
             str(r.get("generation")),
             progress,

@@ -29,6 +29,7 @@ from maya.agent.pools import Pool
 from maya.agent.ports import free_port
 from maya.agent.records import ProcRecord, RecordStore
 from maya.agent.supervisor import Child, is_ours
+from replica.transport import unlink_socket
 
 log = logging.getLogger("tandem.agent")
 
@@ -47,6 +48,7 @@ class AgentConfig:
     heartbeat: float = 5.0
     agent_url: str | None = None
     stop_children_on_exit: bool = False  # `tandem up`: Ctrl-C stops everything
+    replica_sockets: bool = True  # replicas serve a unix socket for a target on this host
 
 
 class Agent:
@@ -249,7 +251,7 @@ class Agent:
     def _child(self, rec: ProcRecord) -> Child:
         child = Child(
             rec,
-            lambda r: launch.command(r, self.cfg.address),
+            lambda r: launch.command(r, self.cfg.address, self.cfg.replica_sockets),
             self.records.save,
             self.changed,
             self.cfg.address,
@@ -271,6 +273,7 @@ class Agent:
             path = Path(rec.data_dir)
             if any(p.holds(path) for p in self.cfg.pools):
                 await asyncio.to_thread(shutil.rmtree, path, True)
+                unlink_socket(launch.replica_socket(rec))  # left behind by a killed replica
             else:
                 log.error("not deleting %s: outside every pool", path)
         logfile = Path(rec.log)

@@ -76,6 +76,14 @@ def parse_labels(items: tuple[str, ...]) -> dict[str, str]:
     help="Seconds between heartbeats.",
 )
 @click.option(
+    "--replica-sockets/--no-replica-sockets",
+    default=True,
+    show_default=True,
+    help="Replicas also serve a unix socket, which a target on this host uses instead of "
+    "TCP. Off where nodes are simulated on one kernel (network namespaces): the socket "
+    "would go around their network.",
+)
+@click.option(
     "--stop-children",
     is_flag=True,
     help="Stop the volumes' processes when the agent stops (default: leave them).",
@@ -90,6 +98,7 @@ def agent(
     state_dir: Path | None,
     token_file: Path | None,
     heartbeat: float,
+    replica_sockets: bool,
     stop_children: bool,
 ) -> None:
     """Run a node agent: runs the targets and replicas the apiserver places on this node."""
@@ -122,6 +131,7 @@ def agent(
             pools=[parse_pool(p, i) for i, p in enumerate(pools)],
             labels=parse_labels(labels),
             heartbeat=heartbeat,
+            replica_sockets=replica_sockets,
             stop_children_on_exit=stop_children,
         )
         if len({p.name for p in cfg.pools}) != len(cfg.pools):

@@ -16,11 +16,25 @@ def addresses(rec: ProcRecord, host: str) -> dict[str, str]:
     return {kind: f"{host}:{port}" for kind, port in rec.ports.items()}
 
 
-def command(rec: ProcRecord, host: str) -> tuple[list[str], dict[str, str]]:
-    """(argv after PREFIX, extra environment) for the record's current assignment."""
+# The longest unix socket path bind() takes is 107 bytes; a longer one means TCP only.
+MAX_SOCKET_PATH = 100
+
+
+def replica_socket(rec: ProcRecord) -> str | None:
+    """Where a replica serves its unix socket: beside its directory (not in it: the store
+    owns what is inside)."""
+    assert rec.data_dir is not None
+    path = rec.data_dir.rstrip("/") + ".sock"
+    return path if len(path.encode()) <= MAX_SOCKET_PATH else None
+
+
+def command(rec: ProcRecord, host: str, sockets: bool = True) -> tuple[list[str], dict[str, str]]:
+    """(argv after PREFIX, extra environment) for the record's current assignment; with
+    sockets, a replica also serves a unix socket (replica/transport.py)."""
     spec, ports = rec.spec, rec.ports
     if rec.role == "replica":
         assert rec.data_dir is not None
+        path = replica_socket(rec) if sockets else None
         return [
             "replica",
             "serve",
@@ -34,6 +48,7 @@ def command(rec: ProcRecord, host: str) -> tuple[list[str], dict[str, str]]:
             f"{host}:{ports['data']}",
             "--api",
             f"{host}:{ports['api']}",
+            *(["--socket", path] if path else []),
         ], {}
     argv = [
         "target",

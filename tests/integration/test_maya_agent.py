@@ -107,6 +107,11 @@ def test_crashed_replica_is_restarted_on_its_address_and_rebuilt(lab: Lab) -> No
         capture_output=True,
     )
     lab.wait_phase("crash", "Healthy", 20)
+    # The replicas are on the target's host: it reaches them through their unix sockets
+    # (the restarted one replaced the socket file its killed predecessor left).
+    target = next(p for p in processes(lab, "crash").values() if p["role"] == "target")
+    status = httpx.get(f"http://{target['addresses']['api']}/v1/volume").json()
+    assert [r["transport"] for r in status["replicas"]] == ["unix"] * 3
     agent = lab.get("/v1/nodes/node0")["agent_url"]
     metrics = httpx.get(f"{agent}/metrics").text
     line = (
@@ -256,9 +261,12 @@ def test_delete_stops_everything_and_removes_every_file(lab: Lab) -> None:
     pids = [p["pid"] for p in processes(lab, "gone").values()]
     dirs = [Path(lab.base / "node0" / "pool" / f"gone-{r['id']}") for r in vol["replicas"]]
     assert all(d.is_dir() for d in dirs)
+    sockets = [d.with_name(d.name + ".sock") for d in dirs]
+    assert all(s.is_socket() for s in sockets)
     assert json.loads(lab.cli("volume", "delete", "gone", "--json").stdout)["deleted"] is True
     assert not any(os.path.exists(f"/proc/{pid}") and _not_zombie(pid) for pid in pids)
     assert not any(d.exists() for d in dirs)
+    assert not any(s.exists() for s in sockets)
     state = lab.base / "node0" / "state"
     assert not list(state.glob("procs/*")) or all(
         "gone" not in p.read_text() for p in state.glob("procs/*.json")
