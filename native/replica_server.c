@@ -336,12 +336,49 @@ static struct sub *sub_new(struct rop *op, int type, size_t extra)
     return sb;
 }
 
+/* Large writes go to the file in pieces of at most WRITE_PIECE, cut at multiples of it: the
+ * page cache sizes a folio by the write that creates it, and ext4 walks the whole folio on
+ * every later write into it (a 4 KiB write into a file filled with 1 MiB writes cost 16.8 us
+ * of CPU here, with 256 KiB writes 5.9 us; filling costs 5% more). As replica/store.py. */
+#define WRITE_PIECE (256u << 10)
+
+/* pwritev in WRITE_PIECE pieces: the bytes written (short when a piece was), or -1. */
+static ssize_t pwrite_pieces(int fd, const struct iovec *iov, int niov, uint64_t pos)
+{
+    size_t total = 0, inoff = 0;
+    int i = 0;
+    while (i < niov) {
+        struct iovec part[3];
+        int n = 0;
+        size_t room = WRITE_PIECE - (pos + total) % WRITE_PIECE, want = 0;
+        while (i < niov && room && n < 3) {
+            size_t take = iov[i].iov_len - inoff < room ? iov[i].iov_len - inoff : room;
+            part[n].iov_base = (uint8_t *)iov[i].iov_base + inoff;
+            part[n++].iov_len = take;
+            inoff += take;
+            room -= take;
+            want += take;
+            if (inoff == iov[i].iov_len) {
+                i++;
+                inoff = 0;
+            }
+        }
+        ssize_t w = n == 1 ? pwrite(fd, part[0].iov_base, part[0].iov_len, (off_t)(pos + total))
+                           : pwritev(fd, part, n, (off_t)(pos + total));
+        if (w < 0)
+            return total ? (ssize_t)total : -1;
+        total += (size_t)w;
+        if ((size_t)w < want)
+            return (ssize_t)total;
+    }
+    return (ssize_t)total;
+}
+
 /* A file write done on the loop thread: see "Writes" in native/ENGINE.md for why. */
 static void sub_write_now(struct engine *e, struct sub *sb, const struct iovec *iov, int niov,
                           uint64_t pos)
 {
-    ssize_t n = niov == 1 ? pwrite(sb->fd, iov[0].iov_base, iov[0].iov_len, (off_t)pos)
-                          : pwritev(sb->fd, iov, niov, (off_t)pos);
+    ssize_t n = pwrite_pieces(sb->fd, iov, niov, pos);
     eng_defer(e, &sb->io, n < 0 ? -errno : (int)n);
 }
 

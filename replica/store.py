@@ -167,18 +167,29 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+# Large writes go to the file in pieces of at most this, cut at multiples of it: the page
+# cache sizes a folio by the write that creates it, and ext4 walks the whole folio on every
+# later write into it. Measured here: a 4 KiB write into a file filled with 1 MiB writes
+# costs 16.8 us of CPU, with 256 KiB writes 5.9 us (and filling costs 5% more).
+# native/replica_server.c does the same (WRITE_PIECE).
+WRITE_PIECE = 256 << 10
+
+
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, pos: int) -> None:
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     while view:
-        n = os.pwrite(fd, view, pos)
+        n = os.pwrite(fd, view[: WRITE_PIECE - pos % WRITE_PIECE], pos)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         view, pos = view[n:], pos + n
 
 
 def _pwritev_all(fd: int, pieces: list[bytearray | memoryview], pos: int) -> None:
-    n = os.pwritev(fd, pieces, pos)
     total = sum(len(p) for p in pieces)
+    if total > WRITE_PIECE - pos % WRITE_PIECE:
+        _pwrite_all(fd, b"".join(pieces), pos)  # large: in pieces (the copy is cheap beside it)
+        return
+    n = os.pwritev(fd, pieces, pos)
     if n < total:  # rare (signal, nearly full disk): finish the rest the slow way
         _pwrite_all(fd, memoryview(b"".join(pieces))[n:], pos + n)
 
