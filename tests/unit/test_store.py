@@ -252,6 +252,39 @@ def test_aligned_write_is_one_pwrite_of_the_caller_buffer(
     assert bytes(store._head) == blocks(*range(2, 10))
 
 
+def test_large_writes_go_in_pieces_that_make_small_folios(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large write reaches the file as writes of at most WRITE_PIECE bytes, cut at multiples
+    of it (the page cache sizes folios by the write), whether aligned or with edge blocks."""
+    from replica.store import WRITE_PIECE
+
+    store = ReplicaStore.create(tmp_path / "big", 4 * WRITE_PIECE)
+    calls: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: Any, pos: int) -> int:
+        if fd != store.intent._fd:
+            calls.append((pos, len(data)))
+        return real(fd, data, pos)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    model = bytearray(4 * WRITE_PIECE)
+    for off, n in ((0, 3 * WRITE_PIECE), (WRITE_PIECE - 700, 2 * WRITE_PIECE + 1500)):
+        calls.clear()
+        data = rand(n)
+        store.write(off, data)
+        model[off : off + n] = data
+        assert all(length <= WRITE_PIECE for _, length in calls), calls
+        assert all(pos // WRITE_PIECE == (pos + length - 1) // WRITE_PIECE for pos, length in calls)
+        assert (
+            sum(length for _, length in calls)
+            == -(-(off + n) // BLOCK) * BLOCK - off // BLOCK * BLOCK
+        )
+    assert store.read(0, 4 * WRITE_PIECE) == model
+    store.close()
+
+
 def test_small_and_unaligned_writes(store: ReplicaStore) -> None:
     model = bytearray(SIZE)
     for offset, data in [
