@@ -531,6 +531,9 @@ class Replicator:
             local.close()
             log.info("replica %s: its socket is not usable (%s): TCP", client.address, e)
             return client, info
+        except BaseException:
+            local.close()
+            raise
         if local_info.get("uuid") != info.get("uuid"):
             local.close()
             log.warning("replica %s: another replica answers at %s: TCP", client.address, path)
