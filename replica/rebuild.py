@@ -3,9 +3,10 @@
 The target decides what to copy and holds those ranges locked against writes; the data
 itself moves replica to replica, never through the target. Per piece (at most PIECE bytes):
 the source's block status decides what moves (holes become local UNMAPs, so nothing stale
-survives; only allocated extents cross the network), then the piece is verified: the CRC32C
-of the local copy read back must equal that of the source's data. Many pieces are in flight
-at once on one pipelined connection to the source.
+survives; only allocated extents cross the network), then the piece is verified: the local
+copy read back must equal the source's data, byte for byte (a compare costs less than the
+two CRC32Cs it replaced, a third of the puller's CPU in a full rebuild). Many pieces are in
+flight at once on one pipelined connection to the source.
 
 Small pieces (an incremental catch-up is mostly scattered 4 KiB writes) move in groups: one
 vectored READ (READV) from the source, one batch of local writes, one batch of reads back
@@ -180,7 +181,7 @@ class Puller:
             else:
                 self.store.write(off, data)
                 stats["copied"] += n
-            if crc32c(self.store.read(off, n)) != crc32c(data):
+            if self.store.read(off, n) != data:
                 raise CopyMismatch(f"piece {off}+{n} differs from the source after the copy")
             return
         expect = bytearray(n)  # what the piece must read as afterwards (holes: zeros)
@@ -197,7 +198,7 @@ class Puller:
                 expect[lo - off : hi - off] = data
                 stats["copied"] += hi - lo
         # Verified against the source's data itself (the range is locked, so it is current).
-        if crc32c(self.store.read(off, n)) != crc32c(expect):
+        if self.store.read(off, n) != expect:
             raise CopyMismatch(f"piece {off}+{n} differs from the source after the copy")
 
     def close(self) -> None:

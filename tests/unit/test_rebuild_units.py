@@ -123,3 +123,45 @@ def test_a_source_without_readv_is_read_piece_by_piece(
                 st.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_copy_that_does_not_read_back_as_the_source_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every piece is read back and compared with the source's data: a destination that
+    stores something else (here: one byte flipped per write) fails the copy, whether the
+    piece went alone (large) or in a READV group (small)."""
+    from replica.rebuild import CopyMismatch, Puller
+
+    size = 16 << 20
+
+    async def scenario() -> None:
+        src_store = ReplicaStore.create(tmp_path / "src", size, "v")
+        dst_store = ReplicaStore.create(tmp_path / "dst", size, "v")
+        server = ReplicaServer(src_store)
+        await server.start("127.0.0.1", 0)
+        src_store.write(0, b"\x11" * (size // 2))
+        real = dst_store.write
+
+        def lying_write(offset: int, data: bytes | bytearray | memoryview) -> None:
+            bad = bytearray(data)
+            bad[len(bad) // 2] ^= 0xFF
+            real(offset, bad)
+
+        monkeypatch.setattr(dst_store, "write", lying_write)
+        puller = Puller(dst_store)
+        try:
+            address = f"127.0.0.1:{server.port}"
+            for ranges in ([(0, 1 << 20)], [(i * 8192, 4096) for i in range(40)]):
+                with pytest.raises(CopyMismatch):
+                    await puller.copy(address, ranges)
+            monkeypatch.setattr(dst_store, "write", real)
+            stats = await puller.copy(address, [(0, 1 << 20)])  # an honest store copies
+            assert stats["copied"] == 1 << 20
+        finally:
+            puller.close()
+            await server.close()
+            src_store.close()
+            dst_store.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
