@@ -157,11 +157,15 @@ class Puller:
             await self._group(src, group, stats)
             return
         stats["pieces"] += len(group)
-        unmapped = self.store.put_pieces(group, data)
+        self._put(group, data, stats)
+
+    def _put(self, ranges: list[tuple[int, int]], data: bytes, stats: dict[str, int]) -> None:
+        """Store pieces whose data came back to back, and verify they read back as it."""
+        unmapped = self.store.put_pieces(ranges, data)
         stats["unmapped"] += unmapped
         stats["copied"] += len(data) - unmapped
-        if self.store.read_pieces(group) != data:
-            raise CopyMismatch(f"{len(group)} pieces from {group[0][0]} differ after the copy")
+        if self.store.read_pieces(ranges) != data:
+            raise CopyMismatch(f"{len(ranges)} pieces from {ranges[0][0]} differ after the copy")
 
     async def _piece(
         self, src: ReplicaClient, off: int, n: int, compare_first: bool, stats: dict[str, int]
@@ -172,17 +176,9 @@ class Puller:
             if await _ask(src.checksum(off, n)) == crc32c(self.store.read(off, n)):
                 return
         if n <= SMALL:
-            # A small piece: one read, no block status; zeros become a hole here, which reads
-            # the same and keeps the replica thin.
+            # A small piece: one read, no block status (zeros become a hole: put_pieces).
             data = await _ask(src.read(off, n))
-            if data.count(0) == n:
-                self.store.unmap(off, n)
-                stats["unmapped"] += n
-            else:
-                self.store.write(off, data)
-                stats["copied"] += n
-            if self.store.read(off, n) != data:
-                raise CopyMismatch(f"piece {off}+{n} differs from the source after the copy")
+            self._put([(off, n)], data, stats)
             return
         expect = bytearray(n)  # what the piece must read as afterwards (holes: zeros)
         for e in await _ask(src.block_status(off, n)):
