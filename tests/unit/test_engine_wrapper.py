@@ -326,7 +326,7 @@ def test_byte_at_a_time_and_large_payloads(tmp_path: Path) -> None:
         async with served(tmp_path) as s:
             c = await s.client()
             big = os.urandom(5 << 20)  # larger than the receive buffer: received in place
-            await c.write(BLOCK * 3 + 7, big)  # in 256 KiB pieces, edge blocks at both ends
+            await c.write(BLOCK * 3 + 7, big)  # in 64 KiB pieces, edge blocks at both ends
             assert await c.read(BLOCK * 3 + 7, len(big)) == big
             assert s.store.read(BLOCK * 3, BLOCK + len(big)) == bytes(7) + big + bytes(BLOCK - 7)
             reader, writer = await asyncio.open_connection("127.0.0.1", s.server.port)
