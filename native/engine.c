@@ -75,10 +75,11 @@ struct cmd {
     int slot, action;
     double arg;
     int64_t remaining;
-    /* store I/O on Python's behalf */
+    /* a request (target submit, NBD/iSCSI parameters) */
     int op, flags;
     uint64_t offset;
     uint32_t length;
+    /* store I/O on Python's behalf: n of them */
     struct sync_io *sync;
     struct tandem_io *ios;
     /* the target side */

@@ -285,6 +285,10 @@ struct sub {
 
 static void op_continue(struct rop *op);
 static void op_complete(struct rop *op);
+static void order_kick(struct rstore *s);
+static void rc_pump(struct rconn *rc);
+static void rc_after_op(struct rconn *rc);
+static void intent_kick(struct rstore *s);
 
 /* One request of a batch on Python's behalf finished: the last one wakes the caller. */
 static void sync_done(struct sync_io *sy, struct tandem_io *io, int status)
@@ -293,10 +297,6 @@ static void sync_done(struct sync_io *sy, struct tandem_io *io, int status)
     if (--sy->remaining == 0)
         sem_post(&sy->done);
 }
-static void order_kick(struct rstore *s);
-static void rc_pump(struct rconn *rc);
-static void rc_after_op(struct rconn *rc);
-static void intent_kick(struct rstore *s);
 
 static int io_status(int err)
 {
@@ -1332,16 +1332,22 @@ static void upcall(struct rconn *rc, struct frame *f)
     eng_event(rc->s->e, &ev);
 }
 
-/* Checks a READV's entries; sets [lo, hi) to the span they cover (the ordering range: a
- * write anywhere in it waits for the read, which is conservative and keeps it simple). */
-static const char *readv_span(const struct rstore *s, const struct reqhdr *h,
-                              const uint8_t *vec, uint64_t *lo, uint64_t *hi)
+/* Checks a READV as replica/protocol.py decode_ranges does (same order, same messages: a
+ * refusal is written to why, and 0 returned); sets [lo, hi) to the span its entries cover
+ * (the ordering range: a write anywhere in it waits for the read, conservative and simple). */
+static int readv_span(const struct rstore *s, const struct reqhdr *h, const uint8_t *vec,
+                      uint64_t *lo, uint64_t *hi, char *why, size_t cap)
 {
     uint32_t n = h->plen / READV_ENTRY;
-    if (h->plen % READV_ENTRY || !n || n > READV_MAX_RANGES)
-        return "READV payload must be 1 to 1024 entries of 16 bytes";
-    if (h->length > MAX_PAYLOAD)
-        return "read exceeds the limit";
+    if (h->length > MAX_PAYLOAD) {
+        snprintf(why, cap, "read of %u bytes exceeds the limit", h->length);
+        return 0;
+    }
+    if (h->plen % READV_ENTRY || !n || n > READV_MAX_RANGES) {
+        snprintf(why, cap, "READV payload must be 1 to %u entries of %u bytes",
+                 READV_MAX_RANGES, READV_ENTRY);
+        return 0;
+    }
     uint64_t total = 0, a = UINT64_MAX, b = 0;
     for (uint32_t i = 0; i < n; i++) {
         uint64_t off;
@@ -1349,19 +1355,28 @@ static const char *readv_span(const struct rstore *s, const struct reqhdr *h,
         memcpy(&off, vec + i * READV_ENTRY, 8);
         memcpy(&len, vec + i * READV_ENTRY + 8, 4);
         memcpy(&reserved, vec + i * READV_ENTRY + 12, 4);
-        if (!len || reserved)
-            return "READV entry with zero length or reserved bits set";
-        if (off > s->size || len > s->size - off)
-            return "READV range beyond the volume's size";
+        if (!len || reserved) {
+            snprintf(why, cap, "READV entry %llu+%u: zero length or reserved bits set",
+                     (unsigned long long)off, len);
+            return 0;
+        }
+        if (off > s->size || len > s->size - off) {
+            snprintf(why, cap, "range %llu+%u beyond size %llu", (unsigned long long)off, len,
+                     (unsigned long long)s->size);
+            return 0;
+        }
         total += len;
         a = off < a ? off : a;
         b = off + len > b ? off + len : b;
     }
-    if (total != h->length)
-        return "READV length is not the sum of its ranges";
+    if (total != h->length) {
+        snprintf(why, cap, "READV length %u is not the sum of its ranges (%llu)", h->length,
+                 (unsigned long long)total);
+        return 0;
+    }
     *lo = a;
     *hi = b;
-    return NULL;
+    return 1;
 }
 
 static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *payload,
@@ -1390,10 +1405,10 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
     }
     uint64_t lo = h->offset, hi = h->offset + h->length;
     if (op == OP_READV) {
-        const char *bad = readv_span(s, h, payload ? payload : owned, &lo, &hi);
-        if (bad) {
+        char why[160];
+        if (!readv_span(s, h, payload ? payload : owned, &lo, &hi, why, sizeof(why))) {
             s->st->errors++;
-            send_error(rc, h->tag, EINVAL, "%s", bad);
+            send_error(rc, h->tag, EINVAL, "%s", why);
             free(owned);
             return;
         }
