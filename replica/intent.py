@@ -78,13 +78,7 @@ class WriteIntent:
 
     def before_write(self, offset: int, length: int) -> None:
         """Call before a write/unmap/zero of [offset, offset+length) reaches the data file."""
-        r0 = offset // self.region
-        r1 = max(r0 + 1, -(-(offset + length) // self.region))
-        n = r1 - r0
-        self._touch[r0:r1] = array("I", [self._now()]) * n
-        if self.marked.find(0, r0, r1) != -1:
-            self.marked[r0:r1] = b"\x01" * n
-            self._save(sync=True)
+        self.before_writes([(offset, length)])
 
     def before_writes(self, ranges: list[tuple[int, int]]) -> None:
         """before_write for many (offset, length) ranges with one sync: a rebuild about to

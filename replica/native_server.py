@@ -14,7 +14,6 @@ engine as they change.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -24,11 +23,11 @@ from typing import Any
 from native import engine as ne
 from replica import faults
 from replica import protocol as p
-from replica.block import BlockError, MediumError, NoSpace, check_range
+from replica.block import check_range
 from replica.protocol import Op, Request
 from replica.rebuild import Puller
 from replica.server import ReplicaServer, ReplicaStats, _Connection
-from replica.store import ReplicaStore
+from replica.store import ReplicaStore, io_error, split_pieces
 from replica.transport import listen_tcp, listen_unix, tune, unlink_socket
 
 log = logging.getLogger("tandem.replica")
@@ -118,12 +117,6 @@ class _Capture:
         return self.late and self._conn not in self._server._conns
 
 
-def _store_error(e: OSError, what: str) -> BlockError:
-    if e.errno == errno.ENOSPC:
-        return NoSpace(f"{what}: {e.strerror}")
-    return MediumError(f"{what}: {e.strerror}")
-
-
 class EngineStore:
     """The store as Python-side data movers (the rebuild puller of COPY_FROM) see it on the
     native engine: reads and mutations go through the engine, so they are ordered with the
@@ -149,7 +142,7 @@ class EngineStore:
         try:
             return eng.io(op, off, n, **kw)
         except OSError as e:
-            raise _store_error(e, f"{what} {off}+{n}") from e
+            raise io_error(e, f"{what} {off}+{n}") from e
 
     def _iov(
         self,
@@ -161,7 +154,7 @@ class EngineStore:
         try:
             eng.iov(ios, buf)
         except OSError as e:
-            raise _store_error(e, f"{what} of {len(ios)} pieces") from e
+            raise io_error(e, f"{what} of {len(ios)} pieces") from e
 
     def read(self, offset: int, length: int) -> bytes:
         if (eng := self._engine()) is None:
@@ -186,15 +179,14 @@ class EngineStore:
         """ReplicaStore.put_pieces in one engine call."""
         if (eng := self._engine()) is None:
             return self._store.put_pieces(ranges, data)
-        ios, pos, unmapped = [], 0, 0
-        for off, n in ranges:
+        ios, unmapped = [], 0
+        for off, n, pos, zero in split_pieces(ranges, data):
             check_range(self._store.size, off, n)
-            if data.count(0, pos, pos + n) == n:
+            if zero:
                 ios.append((Op.UNMAP, off, n, 0, -1))
                 unmapped += n
             else:
                 ios.append((Op.WRITE, off, n, 0, pos))
-            pos += n
         self._iov(eng, "write", ios, data)
         return unmapped
 

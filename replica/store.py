@@ -202,10 +202,22 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> None:
         view, pos = view[n:], pos + n
 
 
-def _io_error(e: OSError, what: str) -> BlockError:
+def io_error(e: OSError, what: str) -> BlockError:
+    """The BlockError for a failed store syscall (full disk or quota: NoSpace)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: {e.strerror}")
     return MediumError(f"{what}: {e.strerror or e}")
+
+
+def split_pieces(
+    ranges: list[tuple[int, int]], data: bytes
+) -> Iterator[tuple[int, int, int, bool]]:
+    """(offset, length, position in data, all zeros) of pieces whose data is back to back:
+    an all-zero piece is stored as a hole, which reads the same and keeps the replica thin."""
+    pos = 0
+    for off, n in ranges:
+        yield off, n, pos, data.count(0, pos, pos + n) == n
+        pos += n
 
 
 def _lock_dir(directory: Path) -> int:
@@ -439,7 +451,7 @@ class ReplicaStore:
         try:
             return self._read_range(offset, length)
         except OSError as e:
-            raise _io_error(e, f"read {offset}+{length}") from e
+            raise io_error(e, f"read {offset}+{length}") from e
 
     @contextlib.contextmanager
     def _head_io(self, what: str, b0: int, b1: int) -> Iterator[None]:
@@ -453,7 +465,7 @@ class ReplicaStore:
                 for start, end in _data_ranges(self._fds[-1], b0 * BLOCK, b1 * BLOCK):
                     s, t = start // BLOCK, -(-end // BLOCK)
                     self._head[s:t] = b"\x01" * (t - s)
-            raise _io_error(e, what) from e
+            raise io_error(e, what) from e
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_open()
@@ -555,17 +567,16 @@ class ReplicaStore:
 
     def put_pieces(self, ranges: list[tuple[int, int]], data: bytes) -> int:
         """Write many pieces (a rebuild's), their data back to back in `data`, except that
-        a piece of all zeros is unmapped instead (it reads the same and keeps the replica
-        thin). Returns the bytes unmapped."""
-        unmapped, pos = 0, 0
+        a piece of all zeros is unmapped instead (see `split_pieces`). Returns the bytes
+        unmapped."""
+        unmapped = 0
         with memoryview(data) as view:
-            for off, n in ranges:
-                if data.count(0, pos, pos + n) == n:
+            for off, n, pos, zero in split_pieces(ranges, data):
+                if zero:
                     self.unmap(off, n)
                     unmapped += n
                 else:
                     self.write(off, view[pos : pos + n])
-                pos += n
         return unmapped
 
     def read_pieces(self, ranges: list[tuple[int, int]]) -> bytes:
@@ -578,13 +589,13 @@ class ReplicaStore:
         try:
             self.intent.before_writes(ranges)
         except OSError as e:
-            raise _io_error(e, "record write intent") from e
+            raise io_error(e, "record write intent") from e
 
     def _intend(self, offset: int, length: int) -> None:
         try:
             self.intent.before_write(offset, length)
         except OSError as e:
-            raise _io_error(e, "record write intent") from e
+            raise io_error(e, "record write intent") from e
 
     def flushed(self, flush_started: float) -> None:
         """A flush that began at monotonic time `flush_started` completed: let the write-intent
@@ -608,7 +619,7 @@ class ReplicaStore:
         except OSError as e:
             if e.errno == errno.EBADF and not self._closed and self._fds[-1] != fd:
                 return  # raced with snapshot(), which synced that head before retiring it
-            raise _io_error(e, "flush") from e
+            raise io_error(e, "flush") from e
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Consecutive extents covering exactly the range: allocated on some layer (flags 0)
@@ -675,7 +686,7 @@ class ReplicaStore:
             for fd in self._fds:
                 os.fsync(fd)
         except OSError as e:
-            raise _io_error(e, "grow layer files") from e
+            raise io_error(e, "grow layer files") from e
         crash_point("resize.after_files")
         grow = size // BLOCK - len(self._head)
         self._persist(size=size)
@@ -711,7 +722,7 @@ class ReplicaStore:
         try:
             write_json_atomic(self.directory / ATTRS_FILE, current)
         except OSError as e:
-            raise _io_error(e, "write volume attributes") from e
+            raise io_error(e, "write volume attributes") from e
 
     # --- snapshots ----------------------------------------------------------------------------
 
@@ -734,7 +745,7 @@ class ReplicaStore:
         try:
             os.fdatasync(old_fd)  # 1) the frozen layer never changes again: make it durable
         except OSError as e:
-            raise _io_error(e, "snapshot sync") from e
+            raise io_error(e, "snapshot sync") from e
         crash_point("snapshot.after_sync")
 
         numbers = [
@@ -770,7 +781,7 @@ class ReplicaStore:
                     (self.directory / new_file).unlink(missing_ok=True)
                 # committed is None: unknown; keep the file, the next open drops it if orphaned
             if isinstance(exc, OSError):
-                raise _io_error(exc, f"snapshot {name!r}") from exc
+                raise io_error(exc, f"snapshot {name!r}") from exc
             raise
         self._switch_head(new_meta, new_fd, ro_fd)
 
@@ -808,7 +819,7 @@ class ReplicaStore:
         try:
             write_json_atomic(self._meta_path, self.meta.to_dict())
         except OSError as e:
-            raise _io_error(e, "write replica metadata") from e
+            raise io_error(e, "write replica metadata") from e
 
     def begin(self, epoch: int) -> None:
         """A target (epoch `epoch`) opens the replica for writing: fence older targets."""
@@ -841,7 +852,7 @@ class ReplicaStore:
         try:
             self.intent.clear_all()
         except OSError as e:
-            raise _io_error(e, "clear write intent") from e
+            raise io_error(e, "clear write intent") from e
         if self.meta.dirty:
             self._persist(dirty=False)
 
