@@ -31,12 +31,11 @@ def tune(sock: socket.socket) -> None:
 def _listening(family: int, addr: object) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if family == socket.AF_UNIX:
-            sock.bind(addr)
-            os.chmod(str(addr), 0o660)  # owner and group may connect
-        else:
+        if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
+        sock.bind(addr)
+        if family == socket.AF_UNIX:
+            os.chmod(str(addr), 0o660)  # owner and group may connect
         sock.listen(128)
         sock.setblocking(False)
     except BaseException:

@@ -90,7 +90,8 @@ class Member:
             "mode": self.mode.value,
             "error": self.error,
             "generation": self.generation,
-            "transport": "unix" if self.client is not None and self.client.route else "tcp",
+            # how it is reached: "unix" (replica/transport.py), "tcp", None while not connected
+            "transport": None if self.client is None else ("unix" if self.client.route else "tcp"),
             "rebuild": self.rebuild.as_dict() if self.rebuild else None,
             "rebuilds": self.rebuilds,
             "last_rebuild": self.last_rebuild,
