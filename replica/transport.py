@@ -52,12 +52,20 @@ def listen_tcp(host: str, port: int) -> socket.socket:
 
 
 def listen_unix(path: str) -> socket.socket:
-    """A non-blocking listening unix socket at path (a stale one from a crash is replaced;
-    any other file there is an error)."""
+    """A non-blocking listening unix socket at path. A stale one (its server crashed: nobody
+    answers) is replaced; a live one or any other file there is an error."""
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OSError(f"{path} exists and is not a socket")
-        os.unlink(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale
+        else:
+            raise OSError(f"{path} is in use by another process")
+        finally:
+            probe.close()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _listening(socket.AF_UNIX, path)
 

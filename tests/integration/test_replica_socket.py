@@ -85,15 +85,35 @@ def test_local_replicas_go_through_their_sockets(cluster: Cluster) -> None:
     assert not c.socket_path(0).exists()
 
 
+def serve_on(tmp_path: Path, name: str, socket_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "maya", "replica", "serve", "--dir", str(tmp_path / name),
+         "--size", "16M", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0",
+         "--socket", str(socket_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 def test_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "data.sock"
     path.write_text("not a socket")
-    r = subprocess.run(
-        [sys.executable, "-m", "maya", "replica", "serve", "--dir", str(tmp_path / "r"),
-         "--size", "16M", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0",
-         "--socket", str(path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    r = serve_on(tmp_path, "r", path)
     assert r.returncode != 0
     assert "exists and is not a socket" in r.stderr
     assert path.read_text() == "not a socket"
+
+
+def test_a_live_socket_is_not_taken_over_a_stale_one_is(cluster: Cluster) -> None:
+    """A second replica given the socket of a running one refuses to start (it would cut
+    the first off from its target); the socket a killed replica left is replaced."""
+    c = cluster
+    c.wait_modes(["RW", "RW", "RW"])
+    r = serve_on(c.base, "intruder", c.socket_path(0))
+    assert r.returncode != 0 and "is in use by another process" in r.stderr
+    assert transports(c)[0] == "unix"
+    write_read(c.uri, 2)  # replica 0 still serves through it
+    c.replicas[1].kill9()
+    assert c.socket_path(1).is_socket()  # left behind
+    c.start_replica(1)
+    c.wait_modes(["RW", "RW", "RW"])
+    assert transports(c) == ["unix", "unix", "tcp"]
