@@ -110,7 +110,7 @@ def make_app(volume: Volume) -> FastAPI:
             m = await volume.replicator.add_replica(body.address)
         except ValueError as e:
             raise HTTPException(409, str(e)) from e
-        except BlockError as e:
+        except (BlockError, OSError) as e:
             raise HTTPException(502, f"cannot add replica: {e}") from e
         return m.status()
 

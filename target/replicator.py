@@ -33,7 +33,7 @@ import asyncio
 import errno
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -83,6 +83,9 @@ class Member:
     backoff: float = BACKOFF_FIRST
     next_try: float = 0.0
     rebuilds: int = 0
+    # Held while a rejoin runs: the heal loop and the API must not both probe and open it
+    # (the second probe closed the first's connection under it).
+    joining: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -601,16 +604,29 @@ class Replicator:
                 log.exception("healing pass failed")
 
     async def _try_rejoin(self, m: Member) -> None:
+        if m.joining.locked():
+            return  # the API is bringing it back right now
         try:
-            await self._rejoin(m)
+            await self._join(m)
+        except (BlockError, OSError):
+            pass  # recorded in m.error; retried after its backoff
+
+    async def _join(self, m: Member) -> None:
+        """Rejoin an ERR member, one attempt at a time; a failure is recorded and backs off."""
+        async with m.joining:
+            if m.mode != Mode.ERR:
+                return  # brought back while we waited
+            try:
+                await self._rejoin(m)
+            except (BlockError, OSError) as e:
+                if m.client is not None and m.mode == Mode.ERR:
+                    m.client.close()
+                    m.client = None
+                m.error = f"rejoin failed: {e}"
+                m.backoff = min(m.backoff * 2, BACKOFF_MAX)
+                m.next_try = time.monotonic() + m.backoff
+                raise
             m.backoff = BACKOFF_FIRST
-        except (BlockError, OSError) as e:
-            if m.client is not None and m.mode == Mode.ERR:
-                m.client.close()
-                m.client = None
-            m.error = f"rejoin failed: {e}"
-            m.backoff = min(m.backoff * 2, BACKOFF_MAX)
-            m.next_try = time.monotonic() + m.backoff
 
     async def _rejoin(self, m: Member) -> None:
         """Bring an ERR replica back as WO and start its rebuild."""
@@ -768,7 +784,7 @@ class Replicator:
             m = self._new_member(address)
             self.members.append(m)
             self._update_deadlines()
-        await self._rejoin(m)
+        await self._join(m)
         return m
 
     async def remove_replica(self, address: str) -> None:

@@ -200,6 +200,50 @@ def test_api_adds_a_new_replica(make_cluster) -> None:  # type: ignore[no-untype
     w.verify(connect(c.uri))
 
 
+def test_api_and_healing_never_rejoin_one_replica_at_once(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A replica added through the API while the heal loop runs: one rejoin, not two racing
+    (the second probe closed the first's connection: the API answered 502, and a second
+    rebuild started on a replica already WO)."""
+    import asyncio
+
+    from target.replicator import Mode, Replicator
+
+    c: Cluster = make_cluster(replicas=3)
+    for i in range(3):
+        c.start_replica(i)
+
+    async def scenario() -> tuple[int, str, int]:
+        rep = Replicator("vol", c.size, c.replica_addresses[:2], replica_count=3)
+        await rep.start(wait=10)
+        running = peak = 0
+        rejoin = rep._rejoin
+
+        async def slow_rejoin(m):  # type: ignore[no-untyped-def]
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            try:
+                await asyncio.sleep(0.6)  # spans several heal-loop passes (every 0.2 s)
+                await rejoin(m)
+            finally:
+                running -= 1
+
+        rep._rejoin = slow_rejoin  # type: ignore[method-assign]
+        try:
+            m = await rep.add_replica(c.replica_addresses[2])
+            for _ in range(100):
+                if m.mode == Mode.RW:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # time for a second, racing rejoin to show itself
+            return peak, m.mode.value, m.rebuilds
+        finally:
+            await rep.close()
+
+    peak, mode, rebuilds = asyncio.run(scenario())
+    assert (peak, mode, rebuilds) == (1, "RW", 1)
+
+
 def test_hung_replica_is_dropped_after_its_deadline(cluster: Cluster) -> None:
     """SIGSTOP: the replica neither fails nor answers; its deadline (2 s here) drops it."""
     import signal
