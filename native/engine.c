@@ -761,10 +761,12 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
         break;
     }
     case CMD_T_SETUP:
-        target_setup(e, cmd->size, cmd->n, cmd->quorum, cmd->t1, cmd->t2, cmd->data);
+        target_setup(e, cmd->size, cmd->n, cmd->quorum, cmd->t1, cmd->t2, cmd->data, cmd->fd,
+                     cmd->region);
         break;
     case CMD_T_ATTACH:
-        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->data, cmd->id);
+        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->track, cmd->data,
+                      cmd->id);
         break;
     case CMD_T_MODE:
         target_mode(e, cmd->slot, cmd->mode, cmd->current, cmd->data, cmd->id);
@@ -1185,11 +1187,14 @@ static char *dupstr(const char *s)
 }
 
 int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quorum,
-                     double timeout, double timeout_last, const char *name)
+                     double timeout, double timeout_last, const char *name, int shm_fd,
+                     uint64_t shm_size)
 {
     struct cmd *c = new_cmd(CMD_T_SETUP);
     if (!c)
         return -ENOMEM;
+    c->fd = shm_fd;
+    c->region = shm_size;
     c->size = size;
     c->n = replica_count;
     c->quorum = quorum;
@@ -1203,7 +1208,7 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
     return push_cmd(e, c);
 }
 
-int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current,
+int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current, int shared,
                          const char *address, uint64_t id)
 {
     if (slot < 0 || slot >= TANDEM_MAX_MEMBERS)
@@ -1215,6 +1220,7 @@ int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int curre
     c->fd = fd;
     c->mode = mode;
     c->current = current;
+    c->track = shared;
     c->id = id;
     c->data = dupstr(address);
     if (!c->data) {

@@ -390,14 +390,24 @@ class Engine:
         timeout: float,
         timeout_last: float,
         name: str,
+        shm_fd: int = -1,
+        shm_size: int = 0,
     ) -> None:
         rc = lib.tandem_vol_setup(
-            self._live, size, replica_count, quorum, timeout, timeout_last, name.encode()
+            self._live,
+            size,
+            replica_count,
+            quorum,
+            timeout,
+            timeout_last,
+            name.encode(),
+            shm_fd,
+            shm_size,
         )
         self._check(rc, "volume setup")
 
     def member_attach(
-        self, slot: int, fd: int, mode: int, current: bool, address: str
+        self, slot: int, fd: int, mode: int, current: bool, shared: bool, address: str
     ) -> asyncio.Future[None]:
         """Hand over a member's data connection (the engine closes fd); done once the member
         receives writes."""
@@ -406,7 +416,7 @@ class Engine:
             raise OSError(errno.ESHUTDOWN, "the engine stopped")
         rid, fut = self._request()
         rc = lib.tandem_member_attach(
-            self._eng, slot, fd, mode, int(current), address.encode(), rid
+            self._eng, slot, fd, mode, int(current), int(shared), address.encode(), rid
         )
         if rc < 0:
             self._forget(rid)
@@ -609,6 +619,8 @@ class Engine:
             "throttled": list(s.throttled),
             "throttled_seconds": list(s.throttled_seconds),
             "member_requests": s.member_requests,
+            "member_shared": s.member_shared,
+            "shm_leaked": s.shm_leaked,
             "drops": s.drops,
             "drop_seq": s.drop_seq,
             "stable_seq": s.stable_seq,

@@ -887,7 +887,7 @@ static int xinit(struct iconn *ic, struct itask *t, const uint8_t *imm, uint32_t
     t->xlen = length;
     /* no zeroing: a command runs only once every byte arrived (or failed, and then its
      * data is not used) */
-    t->buf = vbuf_new(length ? length : 1);
+    t->buf = vol_payload(ic->e, length ? length : 1);
     if (!t->buf)
         return -1;
     if (n && !t->xerr) {

@@ -605,7 +605,7 @@ static void nc_pump(struct nconn *nc)
             size_t need = REQ_HDR + (size_t)length;
             if (avail < need && need <= c->rcap)
                 break; /* the rest is on its way */
-            struct vbuf *buf = vbuf_new(length);
+            struct vbuf *buf = vol_payload(nc->e, length);
             if (!buf) {
                 conn_abort(c);
                 break;

@@ -36,6 +36,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define BLOCK 4096u
@@ -53,6 +56,8 @@
 #define MAX_MSG 4096
 #define FLAG_FUA 1u
 #define FLAG_NO_HOLE 2u
+#define FLAG_SHM 4u
+#define SHM_MAX (1u << 30)
 #define CRASH_EXIT 137
 
 enum {
@@ -72,6 +77,7 @@ enum {
     OP_ATTRS = 14,
     OP_SET_ATTRS = 15,
     OP_READV = 18,
+    OP_SHARE = 19,
 };
 
 /* READV: the payload is entries of (offset u64, length u32, reserved u32); see protocol.py */
@@ -162,6 +168,8 @@ struct rconn {
     int pumping, repump;
     struct reqhdr bighdr; /* a request whose payload is received straight into bigbuf */
     uint8_t *bigbuf;
+    uint8_t *shm; /* the peer's memory mapped by SHARE (FLAG_SHM requests' data), or NULL */
+    uint32_t shm_len;
 };
 
 /* A reply not tied to a request object (errors, PING, Python's answers). */
@@ -992,7 +1000,8 @@ static void op_exec(struct rop *op)
     case OP_CHECKSUM:
         op->what = "read";
         if (op->h.length) {
-            op->data = malloc(op->h.length);
+            if (!op->data) /* unless it goes to shared memory */
+                op->data = malloc(op->h.length);
             if (!op->data)
                 op_fail(op, -ENOMEM, "read");
             else
@@ -1031,6 +1040,8 @@ static void op_continue(struct rop *op)
     case OP_READ:
     case OP_READV:
         s->st->bytes_read += op->h.length;
+        if (op->h.flags & FLAG_SHM)
+            break; /* the data is in the peer's memory: an empty answer */
         op->resp = op->data;
         op->resp_len = op->h.length;
         op->data = NULL;
@@ -1379,12 +1390,78 @@ static int readv_span(const struct rstore *s, const struct reqhdr *h, const uint
     return 1;
 }
 
+/* SHARE: map the connecting process's shared memory (a target on this host) for this
+ * connection. The payload names the memory by the peer's own fd number, opened through
+ * /proc/PEER/fd: the peer can only name what it holds, and only a memfd owned by its own user
+ * is taken (never a file with a name), so a peer cannot make this process write a file. */
+static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
+{
+    struct rstore *s = rc->s;
+    int fd = rc->c->fd;
+    struct sockaddr_storage sa;
+    socklen_t sl = sizeof(sa);
+    struct ucred cr;
+    socklen_t cl = sizeof(cr);
+    uint32_t num;
+    if (rc->shm) {
+        send_error(rc, h->tag, EINVAL, "memory is already shared on this connection");
+    } else if (h->plen != 4) {
+        send_error(rc, h->tag, EINVAL, "SHARE carries a 4-byte fd number, not %u bytes",
+                   h->plen);
+    } else if (h->length == 0 || h->length > SHM_MAX) {
+        send_error(rc, h->tag, EINVAL, "shared memory of %u bytes (1 byte to %u)", h->length,
+                   SHM_MAX);
+    } else if (getsockname(fd, (struct sockaddr *)&sa, &sl) < 0 || sa.ss_family != AF_UNIX ||
+               getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &cl) < 0 || cr.pid <= 0) {
+        send_error(rc, h->tag, EOPNOTSUPP, "shared memory needs a unix socket connection");
+    } else {
+        memcpy(&num, p, 4);
+        char path[64];
+        snprintf(path, sizeof(path), "/proc/%d/fd/%u", (int)cr.pid, num);
+        char link[64] = "";
+        ssize_t ln = readlink(path, link, sizeof(link) - 1);
+        int memfd = ln > 7 && !strncmp(link, "/memfd:", 7); /* not a file with a name */
+        int mfd = memfd ? open(path, O_RDWR | O_CLOEXEC) : -1;
+        struct stat st;
+        void *m = MAP_FAILED;
+        if (ln < 0) {
+            send_error(rc, h->tag, EINVAL, "cannot open the shared memory: %s", strerror(errno));
+        } else if (!memfd) {
+            send_error(rc, h->tag, EINVAL, "fd %u is not shared memory of the peer's user", num);
+        } else if (mfd < 0) {
+            send_error(rc, h->tag, EINVAL, "cannot open the shared memory: %s", strerror(errno));
+        } else if (fstat(mfd, &st) < 0 || fcntl(mfd, F_GET_SEALS) < 0 || st.st_uid != cr.uid) {
+            send_error(rc, h->tag, EINVAL, "fd %u is not shared memory of the peer's user", num);
+        } else if ((uint64_t)st.st_size < h->length) {
+            send_error(rc, h->tag, EINVAL, "shared memory has %lld bytes, not %u",
+                       (long long)st.st_size, h->length);
+        } else if ((m = mmap(NULL, h->length, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) ==
+                   MAP_FAILED) {
+            send_error(rc, h->tag, EINVAL, "cannot map the shared memory: %s", strerror(errno));
+        } else {
+            rc->shm = m;
+            rc->shm_len = h->length;
+            send_reply(rc->c, h->tag, 0, NULL, 0);
+        }
+        if (mfd >= 0)
+            close(mfd);
+        if (rc->shm)
+            return;
+    }
+    s->st->errors++;
+}
+
 static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *payload,
                      uint8_t *owned)
 {
     struct rstore *s = rc->s;
     struct conn *c = rc->c;
     uint8_t op = h->op;
+    if (op == OP_SHARE) {
+        share(rc, h, payload ? payload : owned);
+        free(owned);
+        return;
+    }
     if (!in_engine(op)) { /* Python validates and answers; a barrier on this connection */
         struct frame *f = frame_new(h, payload, owned);
         if (!f) {
@@ -1397,11 +1474,34 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
             upcall(rc, f);
         return;
     }
-    if (h->flags & ~(FLAG_FUA | FLAG_NO_HOLE)) {
+    if (h->flags & ~(FLAG_FUA | FLAG_NO_HOLE | FLAG_SHM)) {
         s->st->errors++;
         send_error(rc, h->tag, EINVAL, "unknown flags 0x%x", h->flags);
         free(owned);
         return;
+    }
+    uint8_t *shm = NULL; /* FLAG_SHM: where the data is (WRITE) or goes (READ) */
+    if (h->flags & FLAG_SHM) {
+        uint64_t off = 0;
+        const char *bad = NULL;
+        if (op != OP_READ && op != OP_WRITE)
+            bad = "shared memory is for READ and WRITE only";
+        else if (!rc->shm)
+            bad = "no shared memory on this connection (send SHARE first)";
+        else if (h->plen != 8)
+            bad = "a shared-memory request carries an 8-byte offset";
+        if (!bad) {
+            memcpy(&off, payload ? payload : owned, 8);
+            if (off > rc->shm_len || h->length > rc->shm_len - off)
+                bad = "range beyond the shared memory";
+        }
+        if (bad) {
+            s->st->errors++;
+            send_error(rc, h->tag, EINVAL, "%s", bad);
+            free(owned);
+            return;
+        }
+        shm = rc->shm + off;
     }
     uint64_t lo = h->offset, hi = h->offset + h->length;
     if (op == OP_READV) {
@@ -1426,7 +1526,7 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
             free(owned);
             return;
         }
-        if (op == OP_WRITE && h->length != h->plen) {
+        if (op == OP_WRITE && !shm && h->length != h->plen) {
             s->st->errors++;
             send_error(rc, h->tag, EINVAL, "write length differs from its payload");
             free(owned);
@@ -1474,7 +1574,11 @@ static void dispatch(struct rconn *rc, const struct reqhdr *h, const uint8_t *pa
     r->s = s;
     r->h = *h;
     list_init(&r->wlink);
-    if (op == OP_WRITE || op == OP_READV) {
+    if (shm) {
+        r->data = shm; /* in place: never freed here */
+        r->borrowed = 1;
+        free(owned);
+    } else if (op == OP_WRITE || op == OP_READV) {
         uint8_t **keep = op == OP_WRITE ? &r->data : &r->vec;
         if (owned) {
             *keep = owned;
@@ -1752,6 +1856,8 @@ static void rc_on_destroy(struct conn *c)
         free(rc->pending);
     }
     free(rc->bigbuf);
+    if (rc->shm) /* every request using it is over: they hold the connection */
+        munmap(rc->shm, rc->shm_len);
     struct tandem_event ev = {.type = TANDEM_EV_CONN_CLOSED, .conn = c->id};
     eng_event(rc->s->e, &ev);
     free(rc);

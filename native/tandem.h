@@ -210,17 +210,24 @@ struct tandem_target_stats {
     uint64_t stable_seq;           /* ... of which Python's bumps covered */
     uint64_t fe_requests[4];       /* [TANDEM_FRONTENDS]: requests (NBD, SCSI commands) parsed */
     uint64_t fe_upcalls[4];        /* ... of them handed to Python */
+    uint64_t member_shared;        /* member requests whose data went through shared memory */
+    uint64_t shm_leaked;           /* bytes of it never reused: a dropped replica may write it */
 };
 
 /* The volume: size, quorum base, deadlines (seconds; the bare quorum of RW members gets
- * timeout_last), name (for messages). Call again to change any of them. */
+ * timeout_last), name (for messages). Call again to change any of them. shm_fd (or -1): a
+ * memfd of shm_size bytes, mapped at the first call only (the caller keeps the fd open for
+ * replicas to SHARE): large payloads of volume I/O live there, and members attached as
+ * shared read and write them in place instead of through their socket. */
 int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quorum,
-                     double timeout, double timeout_last, const char *name);
+                     double timeout, double timeout_last, const char *name, int shm_fd,
+                     uint64_t shm_size);
 /* Hand over member slot's data connection: a connected socket (blocking mode) that already
  * OPENed the replica with the member's fencing key; mode RW or WO; current: dropping it needs
- * a generation bump (RW members always do). Replaces the slot's previous connection.
+ * a generation bump (RW members always do); shared: the replica SHAREd the volume's memory
+ * on this connection. Replaces the slot's previous connection.
  * TANDEM_EV_DONE id once the member receives writes. */
-int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current,
+int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current, int shared,
                          const char *address, uint64_t id);
 /* Change a member's mode: RW/WO, or ERR (drop it: close its connection, like a failure).
  * current as above. TANDEM_EV_DONE id. */

@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define REQ_MAGIC 0x51444E54u
@@ -39,17 +40,71 @@
 #define MAX_MSG 4096
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_FLUSH = 3, OP_UNMAP = 4, OP_WRITE_ZEROES = 5 };
-enum { FLAG_FUA = 1, FLAG_NO_HOLE = 2 };
+enum { FLAG_FUA = 1, FLAG_NO_HOLE = 2, FLAG_SHM = 4 };
+/* Shared memory: slots of 64 KiB; payloads from one slot up go there (below, the socket copy
+ * is cheap next to the rest of a request). */
+#define SHM_SLOT (64u << 10)
+#define SHM_MAX_SLOTS 4096u
 enum { VS_NEW, VS_QOS, VS_LOCK, VS_RUN, VS_STABLE, VS_DONE };
 enum { R_PENDING = -1, R_DOWN = -2 };
 
 /* --- payload buffers ----------------------------------------------------------------------- */
+
+/* The memory shared with the replicas on this host (a memfd Python made and names to them),
+ * cut in slots; refcounted by the volume and every buffer in it, as buffers may outlive the
+ * volume. */
+struct pool {
+    int refs;
+    uint8_t *base;
+    uint32_t nslots;
+    uint64_t *leaked; /* the stats counter (NULL once the volume is gone) */
+    uint64_t used[SHM_MAX_SLOTS / 64]; /* bit set: slot taken */
+};
+
+static void pool_put(struct pool *p)
+{
+    if (--p->refs == 0) {
+        munmap(p->base, (size_t)p->nslots * SHM_SLOT);
+        free(p);
+    }
+}
+
+static int slot_used(const struct pool *p, uint32_t i) { return (p->used[i / 64] >> (i % 64)) & 1; }
+
+static void slots_set(struct pool *p, uint32_t first, uint32_t n, int used)
+{
+    for (uint32_t i = first; i < first + n; i++) {
+        if (used)
+            p->used[i / 64] |= 1ull << (i % 64);
+        else
+            p->used[i / 64] &= ~(1ull << (i % 64));
+    }
+}
+
+/* First fit of n free slots in a row; skips whole taken words. */
+static int64_t slots_find(const struct pool *p, uint32_t n)
+{
+    uint32_t run = 0;
+    for (uint32_t i = 0; i < p->nslots; i++) {
+        if (i % 64 == 0 && run == 0 && p->used[i / 64] == ~0ull) {
+            i += 63;
+            continue;
+        }
+        if (slot_used(p, i)) {
+            run = 0;
+        } else if (++run == n) {
+            return (int64_t)(i + 1 - n);
+        }
+    }
+    return -1;
+}
 
 struct vbuf *vbuf_new(size_t len)
 {
     struct vbuf *b = malloc(sizeof(*b) + len);
     if (!b)
         return NULL;
+    memset(b, 0, sizeof(*b));
     b->refs = 1;
     b->len = len;
     b->data = b->inl;
@@ -58,7 +113,7 @@ struct vbuf *vbuf_new(size_t len)
 
 struct vbuf *vbuf_external(void *data, size_t len)
 {
-    struct vbuf *b = malloc(sizeof(*b));
+    struct vbuf *b = calloc(1, sizeof(*b));
     if (!b)
         return NULL;
     b->refs = 1;
@@ -67,10 +122,35 @@ struct vbuf *vbuf_external(void *data, size_t len)
     return b;
 }
 
+static struct vbuf *vbuf_pool(struct pool *p, size_t len)
+{
+    uint32_t n = (uint32_t)((len + SHM_SLOT - 1) / SHM_SLOT);
+    int64_t first = n <= p->nslots ? slots_find(p, n) : -1;
+    if (first < 0)
+        return NULL;
+    struct vbuf *b = vbuf_external(p->base + (size_t)first * SHM_SLOT, len);
+    if (!b)
+        return NULL;
+    slots_set(p, (uint32_t)first, n, 1);
+    b->pool = p;
+    b->slot = (uint32_t)first;
+    b->nslots = n;
+    p->refs++;
+    return b;
+}
+
 void vbuf_put(struct vbuf *b)
 {
-    if (b && --b->refs == 0)
-        free(b);
+    if (!b || --b->refs)
+        return;
+    if (b->pool) {
+        if (b->poisoned && b->pool->leaked)
+            *b->pool->leaked += (uint64_t)b->nslots * SHM_SLOT;
+        else
+            slots_set(b->pool, b->slot, b->nslots, 0);
+        pool_put(b->pool);
+    }
+    free(b);
 }
 
 /* --- state --------------------------------------------------------------------------------- */
@@ -80,6 +160,7 @@ struct mconn;
 struct member {
     int used;
     int mode;
+    int shared; /* its data connection SHAREd the pool */
     int current; /* dropping it needs a generation bump */
     char addr[256];
     struct mconn *mc;
@@ -117,6 +198,7 @@ struct vol {
     struct list shared;
     struct list xlocks; /* granted, or waiting for the writes in flight */
     struct list xwait;  /* waiting for another exclusive lock */
+    struct pool *pool;  /* shared memory, or NULL */
     /* QoS */
     struct bucket qb[6];
     double burst;
@@ -162,9 +244,11 @@ struct msub {
     int refs; /* the result to come, the send queue */
     uint64_t sent_ns;
     struct vbuf *buf;
+    int shm;       /* its data is in the pool: buf at offset shm_off */
+    uint64_t shm_off;
     struct io fio; /* a deferred failure */
     char *fmsg;
-    uint8_t hdr[REQ_SIZE];
+    uint8_t hdr[REQ_SIZE + 8]; /* + the pool offset of a shared-memory READ/WRITE */
     struct sendbuf sb;
 };
 
@@ -209,6 +293,25 @@ static int count_rw(const struct vol *vol)
     for (int i = 0; i < MAX_MEMBERS; i++)
         n += vol->m[i].used && vol->m[i].mode == TANDEM_MODE_RW;
     return n;
+}
+
+static int any_shared(const struct vol *vol)
+{
+    for (int i = 0; i < MAX_MEMBERS; i++)
+        if (vol->m[i].used && vol->m[i].shared && vol->m[i].mc && !vol->m[i].mc->dead)
+            return 1;
+    return 0;
+}
+
+struct vbuf *vol_payload(struct engine *e, size_t len)
+{
+    struct vol *vol = e->vol;
+    if (vol && vol->pool && len >= SHM_SLOT && any_shared(vol)) {
+        struct vbuf *b = vbuf_pool(vol->pool, len);
+        if (b)
+            return b;
+    }
+    return vbuf_new(len);
 }
 
 int vol_readonly(struct engine *e)
@@ -608,7 +711,7 @@ static void vio_start(struct vol *vol, struct vio *v)
         v->state = VS_RUN;
         if (!v->buf || v->buf->len < v->length) {
             vbuf_put(v->buf);
-            v->buf = vbuf_new(v->length);
+            v->buf = vol_payload(vol->e, v->length);
             if (!v->buf) {
                 vio_fail(vol, v, ENOMEM, fmt("out of memory"));
                 return;
@@ -782,8 +885,18 @@ static void msub_send(struct vol *vol, struct vio *v, int slot, uint64_t now)
         offset = 0;
         length = 0;
     }
-    if (v->op == TANDEM_VIO_WRITE)
+    struct vbuf *b = v->buf;
+    if (b && b->pool && m->shared && (v->op == TANDEM_VIO_READ || v->op == TANDEM_VIO_WRITE)) {
+        /* the replica reads or writes the data in place: the payload is where */
+        s->shm = 1;
+        s->shm_off = (uint64_t)(b->data - b->pool->base);
+        s->buf = vbuf_get(b);
+        flags |= FLAG_SHM;
+        plen = 8;
+        vol->st->member_shared++;
+    } else if (v->op == TANDEM_VIO_WRITE) {
         plen = v->length;
+    }
     memcpy(s->hdr, &magic, 4);
     s->hdr[4] = op;
     s->hdr[5] = flags;
@@ -795,7 +908,10 @@ static void msub_send(struct vol *vol, struct vio *v, int slot, uint64_t now)
     s->sb.iov[0].iov_base = s->hdr;
     s->sb.iov[0].iov_len = REQ_SIZE;
     s->sb.niov = 1;
-    if (plen) {
+    if (s->shm) {
+        memcpy(s->hdr + REQ_SIZE, &s->shm_off, 8);
+        s->sb.iov[0].iov_len = REQ_SIZE + 8;
+    } else if (plen) {
         s->buf = vbuf_get(v->buf);
         s->sb.iov[1].iov_base = v->buf->data;
         s->sb.iov[1].iov_len = plen;
@@ -837,6 +953,8 @@ static void mconn_kill(struct mconn *mc, const char *why)
     while (!list_empty(&mc->inflight)) {
         struct msub *s = container_of(mc->inflight.next, struct msub, link);
         list_del(&s->link);
+        if (s->shm)
+            s->buf->poisoned = 1; /* the replica lives on and may still read or write it */
         s->fmsg = fmt("replica %s: %s", addr, why);
         s->fio.done = msub_failed;
         eng_defer(vol->e, &s->fio, 0);
@@ -1049,10 +1167,10 @@ static void read_next(struct vol *vol, struct vio *v)
             break;
         vol->rr = (unsigned)pick;
         v->tries++;
-        if (v->buf->refs > 1) {
-            /* a dropped connection may still be receiving into it: use another */
+        if (v->buf->refs > 1 || v->buf->poisoned) {
+            /* a dropped connection (or replica) may still be receiving into it: use another */
             vbuf_put(v->buf);
-            v->buf = vbuf_new(v->length);
+            v->buf = vol_payload(vol->e, v->length);
             if (!v->buf) {
                 vio_fail(vol, v, ENOMEM, fmt("out of memory"));
                 return;
@@ -1169,6 +1287,11 @@ static void mc_pump(struct mconn *mc)
             break;
         }
         struct msub *s = mc_lookup(mc, tag);
+        if (s && s->shm && status == 0 && plen == 0) { /* read or written in place */
+            c->rpos += RESP_SIZE;
+            msub_result(s, 0, NULL);
+            continue;
+        }
         if (s && status == 0 && s->v->op == TANDEM_VIO_READ && plen == s->v->length) {
             c->rpos += RESP_SIZE;
             struct vbuf *b = s->v->buf;
@@ -1280,8 +1403,31 @@ static struct vol *vol_get(struct engine *e, int slot)
     return e->vol;
 }
 
+/* Map the volume's shared memory (once); without it everything goes through sockets. */
+static void pool_map(struct vol *vol, int fd, uint64_t size)
+{
+    uint64_t n = size / SHM_SLOT;
+    if (vol->pool || fd < 0 || n == 0)
+        return;
+    if (n > SHM_MAX_SLOTS)
+        n = SHM_MAX_SLOTS;
+    struct pool *p = calloc(1, sizeof(*p));
+    if (!p)
+        return;
+    p->base = mmap(NULL, n * SHM_SLOT, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p->base == MAP_FAILED) {
+        free(p);
+        return;
+    }
+    p->refs = 1;
+    p->nslots = (uint32_t)n;
+    p->leaked = &vol->st->shm_leaked;
+    vol->pool = p;
+}
+
 int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
-                 double timeout, double timeout_last, const char *name)
+                 double timeout, double timeout_last, const char *name, int shm_fd,
+                 uint64_t shm_size)
 {
     struct vol *vol = e->vol;
     if (!vol) {
@@ -1309,11 +1455,12 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
     vol->timeout = timeout;
     vol->timeout_last = timeout_last;
     snprintf(vol->name, sizeof(vol->name), "%s", name ? name : "");
+    pool_map(vol, shm_fd, shm_size);
     update_deadlines(vol);
     return 0;
 }
 
-void target_attach(struct engine *e, int slot, int fd, int mode, int current,
+void target_attach(struct engine *e, int slot, int fd, int mode, int current, int shared,
                    const char *address, uint64_t id)
 {
     struct vol *vol = vol_get(e, slot);
@@ -1333,6 +1480,7 @@ void target_attach(struct engine *e, int slot, int fd, int mode, int current,
         mconn_kill(old, "connection replaced");
     }
     m->used = 1;
+    m->shared = shared && vol->pool;
     snprintf(m->addr, sizeof(m->addr), "%s", address ? address : "?");
     m->gen++;
     mc->c = c;
@@ -1551,6 +1699,10 @@ void target_stop(struct engine *e)
 
 void target_free(struct engine *e)
 {
+    if (e->vol && e->vol->pool) {
+        e->vol->pool->leaked = NULL;
+        pool_put(e->vol->pool);
+    }
     free(e->vol);
     e->vol = NULL;
 }

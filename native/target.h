@@ -9,16 +9,25 @@
 #define TBLOCK 4096u
 #define MAX_MEMBERS TANDEM_MAX_MEMBERS
 
+struct pool;
+
 /* A payload shared by a request and the sends that carry it (refcounted). */
 struct vbuf {
     int refs;
     size_t len;
-    uint8_t *data; /* inl, or memory someone else keeps alive (external) */
+    uint8_t *data; /* inl, memory someone else keeps alive (external), or pool slots */
+    struct pool *pool;     /* the volume's shared memory the data lives in, or NULL */
+    uint32_t slot, nslots; /* ... which slots */
+    int poisoned; /* a replica that was dropped may still write it: never reuse the slots */
     uint8_t inl[];
 };
 
 struct vbuf *vbuf_new(size_t len);
 struct vbuf *vbuf_external(void *data, size_t len);
+/* A payload for volume I/O of len bytes: in the memory the volume shares with replicas on
+ * this host when it is large enough and there is room (they read and write it in place,
+ * not through their socket), else like vbuf_new. */
+struct vbuf *vol_payload(struct engine *e, size_t len);
 static inline struct vbuf *vbuf_get(struct vbuf *b)
 {
     b->refs++;
@@ -88,8 +97,9 @@ void iscsi_stop(struct engine *e, struct conn *c);
 
 /* target.c: the commands */
 int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
-                 double timeout, double timeout_last, const char *name);
-void target_attach(struct engine *e, int slot, int fd, int mode, int current,
+                 double timeout, double timeout_last, const char *name, int shm_fd,
+                 uint64_t shm_size);
+void target_attach(struct engine *e, int slot, int fd, int mode, int current, int shared,
                    const char *address, uint64_t id);
 void target_mode(struct engine *e, int slot, int mode, int current, const char *why,
                  uint64_t id);

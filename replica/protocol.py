@@ -41,7 +41,16 @@ moving replica to replica during a rebuild; answers JSON counts; EREMOTEIO when 
 source failed, so the target can pick another); READV (a vectored READ: the payload is
 1 to READV_MAX_RANGES entries of 16 bytes, offset u64, length u32 (> 0), reserved u32 (0);
 the header's length is the sum of the entries' lengths and the response carries their
-data back to back: a rebuild pulls scattered small pieces in one round trip each batch).
+data back to back: a rebuild pulls scattered small pieces in one round trip each batch);
+SHARE (a target on the replica's host, over the unix socket: the payload is a u32, the number
+of one of the target's own file descriptors, a memfd of `length` bytes; the replica maps it
+through /proc/PEER/fd for this connection, and takes only shared memory owned by the peer's
+user). On a connection that SHAREd, READ and WRITE may set flags bit 2 SHM: the payload is
+then a u64 offset in that memory where the data is (WRITE, `length` bytes) or is to be put
+(READ; the response then carries no data). Large payloads then cross no socket: the target
+receives an initiator's data into that memory and sends the initiator's reads from it. The
+native engine serves SHARE; the pure-Python server answers ENOTSUP, and the target then sends
+data through the socket as before.
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the
@@ -73,6 +82,7 @@ READV_MAX_RANGES = 1024
 
 FLAG_FUA = 1
 FLAG_NO_HOLE = 2
+FLAG_SHM = 4  # READ/WRITE data in the memory SHAREd on this connection (native engine)
 
 
 class Op(IntEnum):
@@ -94,6 +104,7 @@ class Op(IntEnum):
     RESIZE = 16
     COPY_FROM = 17
     READV = 18
+    SHARE = 19
 
 
 # Ops that change the replica: only on a connection opened with the current epoch.
@@ -283,6 +294,8 @@ def validate(req: Request, size: int) -> tuple[int, str] | None:
         op = Op(req.op)
     except ValueError:
         return Status.ENOTSUP, f"unknown op {req.op}"
+    if op == Op.SHARE:
+        return Status.ENOTSUP, "shared memory is served by the native engine only"
     if req.flags & ~(FLAG_FUA | FLAG_NO_HOLE):
         return Status.EINVAL, f"unknown flags {req.flags:#x}"
     if op in (Op.READ, Op.WRITE, Op.UNMAP, Op.WRITE_ZEROES, Op.BLOCK_STATUS, Op.CHECKSUM):

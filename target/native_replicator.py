@@ -20,6 +20,12 @@ the engine:
   event (so its RW set excludes every dropped member), then tells the engine which drops it
   covered (`_settled`, `_bumped`).
 - Exclusive range locks (rebuild copies, resize, snapshots) are the engine's.
+- Shared memory: the volume owns a memfd (SHM_SIZE) the engine cuts into payload buffers.
+  A replica on this host reached through its unix socket is asked to SHARE it on the data
+  connection; then the engine sends it the place of the data instead of the data (large
+  READ/WRITE payloads cross no socket: they are copied once between the initiator's socket
+  and this memory, once between this memory and the replica's files). A replica that cannot
+  (the pure-Python server, an older release) answers ENOTSUP and gets the data as before.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,6 +54,9 @@ log = logging.getLogger("tandem.replicator")
 
 _MODES = {Mode.RW: ne.MODE_RW, Mode.WO: ne.MODE_WO, Mode.ERR: ne.MODE_ERR}
 INTERNAL = ne.FRONTENDS.index("internal")
+# Room for the payloads in flight (e.g. 8 reads and 8 writes of 1 MiB, 32 of 64 KiB at
+# once); what does not fit goes through the socket. Pages are touched only as used.
+SHM_SIZE = 32 << 20
 
 
 class NativeMember(Member):
@@ -56,6 +67,7 @@ class NativeMember(Member):
         self._map: RegionMap | None = None
         self.slot = slot
         self.data_sock: socket.socket | None = None  # opened, not handed over yet
+        self.data_shared = False  # data_sock's replica SHAREd the volume's memory
         self.attaching: asyncio.Future[None] | None = None  # the last hand-over
         self.gen = 0  # data connections handed over (the engine's count too)
         super().__init__(address)
@@ -81,6 +93,11 @@ class NativeMember(Member):
             self.data_sock.close()
             self.data_sock = None
 
+    def status(self) -> dict[str, Any]:
+        # the data goes through the memory shared with the replica (None: not connected)
+        shared = self.data_shared if self.client is not None else None
+        return {**super().status(), "shared_memory": shared}
+
 
 class EngineRangeLock:
     """Exclusive range locks held in the engine (its writes wait for them)."""
@@ -102,11 +119,17 @@ class EngineRangeLock:
 
 
 async def open_data_socket(
-    address: str, key: int, uuid: str | None, timeout: float, route: str | None = None
-) -> socket.socket:
+    address: str,
+    key: int,
+    uuid: str | None,
+    timeout: float,
+    route: str | None = None,
+    share_fd: int | None = None,
+) -> tuple[socket.socket, bool]:
     """A data connection to a replica (through the unix socket `route` when given):
     connected, INFO'd (the same replica as the control connection), OPENed with the
-    member's fencing key; in blocking mode for the engine."""
+    member's fencing key; in blocking mode for the engine. Over a unix socket the replica is
+    also asked to SHARE the memfd `share_fd` (SHM_SIZE bytes); the flag says it did."""
     loop = asyncio.get_running_loop()
     host, port = parse_address(address)
     addr: Any = route
@@ -119,31 +142,37 @@ async def open_data_socket(
             sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
         raise ReplicaDown(f"replica {address}: cannot connect: {e}") from e
+    share = bool(route) and share_fd is not None
     try:
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
         tune(sock)
-        await loop.sock_sendall(
-            sock,
-            p.encode_request(p.Op.INFO, 1) + p.encode_json_request(p.Op.OPEN, 2, {"epoch": key}),
-        )
+        out = p.encode_request(p.Op.INFO, 1) + p.encode_json_request(p.Op.OPEN, 2, {"epoch": key})
+        if share:
+            out += p.encode_request(
+                p.Op.SHARE, 3, length=SHM_SIZE, payload=struct.pack("<I", share_fd)
+            )
+        await loop.sock_sendall(sock, out)
         decoder = p.ResponseDecoder()
         answers: dict[int, p.Response] = {}
-        while len(answers) < 2:
+        while len(answers) < 2 + share:
             data = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
             if not data:
                 raise ReplicaDown(f"replica {address}: connection lost")
             decoder.feed(data)
             while (resp := decoder.next()) is not None:
                 answers[resp.tag] = resp
-        for resp in answers.values():
-            if resp.status:
-                raise ReplicaDown(f"replica {address}: {resp.message}")
+        for tag in (1, 2):
+            if answers[tag].status:
+                raise ReplicaDown(f"replica {address}: {answers[tag].message}")
         info = json.loads(answers[1].payload)
         if uuid is not None and info.get("uuid") != uuid:
             raise ReplicaDown(f"replica {address}: another replica answered the data connection")
+        shared = share and answers[3].status == 0
+        if share and not shared:
+            log.info("replica %s: data through its socket (%s)", address, answers[3].message)
         sock.setblocking(True)  # io_uring polls for it; O_NONBLOCK would return EAGAIN
-        return sock
+        return sock, shared
     except BaseException as e:
         sock.close()
         if isinstance(e, (OSError, TimeoutError, p.ProtocolError)) and not isinstance(
@@ -165,6 +194,15 @@ class NativeReplicator(Replicator):
         self._capturing = False
         super().__init__(*args, **kw)
         self._ranges = EngineRangeLock(engine)  # type: ignore[assignment]
+        self._shm_fd: int | None = None
+        try:
+            self._shm_fd = os.memfd_create(f"tandem-{self.volume}", os.MFD_CLOEXEC)
+            os.ftruncate(self._shm_fd, SHM_SIZE)
+        except OSError as e:  # no memfd here: every payload goes through sockets
+            log.info("volume %s: no shared memory with local replicas: %s", self.volume, e)
+            if self._shm_fd is not None:
+                os.close(self._shm_fd)
+                self._shm_fd = None
         self._setup_engine()
         for m in self.members:
             self._push_map(m)  # type: ignore[arg-type]
@@ -194,6 +232,8 @@ class NativeReplicator(Replicator):
             self.timeout,
             self.timeout_last,
             self.volume,
+            -1 if self._shm_fd is None else self._shm_fd,
+            SHM_SIZE,
         )
 
     def _cmd(self, fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
@@ -244,7 +284,7 @@ class NativeReplicator(Replicator):
             m.gen += 1
             m.attaching = self._cmd(
                 self.engine.member_attach(
-                    m.slot, sock.detach(), _MODES[mode], mode == Mode.RW, m.address
+                    m.slot, sock.detach(), _MODES[mode], mode == Mode.RW, m.data_shared, m.address
                 )
             )
         else:
@@ -255,7 +295,9 @@ class NativeReplicator(Replicator):
         await super()._open(m)
         m.close_data()
         route = m.client.route if m.client is not None else None
-        m.data_sock = await open_data_socket(m.address, m.key, m.uuid, self.timeout, route)
+        m.data_sock, m.data_shared = await open_data_socket(
+            m.address, m.key, m.uuid, self.timeout, route, self._shm_fd
+        )
 
     async def _probe(self, m: Member, selecting: bool = False) -> dict[str, Any]:
         assert isinstance(m, NativeMember)
@@ -369,3 +411,6 @@ class NativeReplicator(Replicator):
                     if self.engine.running:
                         self._cmd(self.engine.member_map(m.slot, None, 0))
         await super().close()
+        if self._shm_fd is not None:  # the engine keeps its mapping as long as it needs it
+            os.close(self._shm_fd)
+            self._shm_fd = None

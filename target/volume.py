@@ -167,11 +167,23 @@ class Volume:
 
     def engine_counters(self) -> dict[str, dict[str, int]]:
         """Per frontend: requests the engine parsed, and how many of them went up to Python
-        (steady-state READ/WRITE should add none)."""
+        (steady-state READ/WRITE should add none); requests to members, how many of them had
+        their data in shared memory, and the bytes of it never reused (a replica dropped
+        with such requests in flight might still write there)."""
         st = self.engine.target_stats()
         return {
-            fe: {"requests": st["frontend_requests"][fe], "upcalls": st["frontend_upcalls"][fe]}
-            for fe in ("nbd", "iscsi")
+            **{
+                fe: {
+                    "requests": st["frontend_requests"][fe],
+                    "upcalls": st["frontend_upcalls"][fe],
+                }
+                for fe in ("nbd", "iscsi")
+            },
+            "members": {
+                "requests": st["member_requests"],
+                "shared": st["member_shared"],
+                "leaked_bytes": st["shm_leaked"],
+            },
         }
 
     def status(self) -> dict[str, Any]:

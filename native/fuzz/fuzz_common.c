@@ -308,7 +308,7 @@ static int got_response(void *arg)
 
 static void setup_member(tandem_engine *e)
 {
-    if (tandem_vol_setup(e, FZ_STORE_SIZE, 1, 1, 30.0, 30.0, "fuzz"))
+    if (tandem_vol_setup(e, FZ_STORE_SIZE, 1, 1, 30.0, 30.0, "fuzz", -1, 0))
         fz_die("tandem_vol_setup failed");
     int sv[2];
     fz_socketpair(sv); /* sv[0]: the volume's end, sv[1]: the replica server's */
@@ -337,7 +337,7 @@ static void setup_member(tandem_engine *e)
     int fl = fcntl(sv[0], F_GETFL);
     if (fl < 0 || fcntl(sv[0], F_SETFL, fl & ~O_NONBLOCK))
         fz_die("blocking mode: %s", strerror(errno));
-    if (tandem_member_attach(e, 0, sv[0], TANDEM_MODE_RW, 1, "in-process-replica", 1))
+    if (tandem_member_attach(e, 0, sv[0], TANDEM_MODE_RW, 1, 0, "in-process-replica", 1))
         fz_die("tandem_member_attach failed");
 }
 

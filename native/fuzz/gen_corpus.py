@@ -137,6 +137,18 @@ REPLICA = {
             req(Op.READV, 8, 0, 0),  # no entries
         ]
     ),
+    # Shared memory needs a unix socket peer (the harness is not one): refused, and requests
+    # that would use it are refused too.
+    "shared_memory": b"".join(
+        [
+            open_(1),
+            req(Op.SHARE, 2, 0, 1 << 20, payload=struct.pack("<I", 3)),
+            req(Op.WRITE, 3, 0, BLOCK, flags=rp.FLAG_SHM, payload=bytes(8)),
+            req(Op.READ, 4, 0, BLOCK, flags=rp.FLAG_SHM, payload=bytes(8)),
+            req(Op.FLUSH, 5, flags=rp.FLAG_SHM, payload=bytes(8)),
+            req(Op.SHARE, 6, 0, 0, payload=b"\0" * 9),
+        ]
+    ),
     "bad_magic": req(Op.PING, 1) + b"XXXX" + bytes(28) + req(Op.PING, 2),
     "oversize": req(Op.PING, 1)
     + struct.pack("<IBBHQQII", rp.REQ_MAGIC, Op.WRITE, 0, 0, 2, 0, 0, 2**32 - 1),

@@ -34,7 +34,11 @@ def vol(
     if request.param == "native" and (why := native.engine_unavailable()) is not None:
         pytest.skip(f"native engine: {why}")
     env = {**os.environ, "TANDEM_ENGINE": request.param}
-    c = Cluster(Path(tmp_path_factory.mktemp(f"iscsi-{request.param}")), env=env).start()
+    # Two replicas through their unix sockets: the native engine's large payloads then go
+    # through the memory it shares with them.
+    c = Cluster(
+        Path(tmp_path_factory.mktemp(f"iscsi-{request.param}")), env=env, sockets=frozenset({0, 1})
+    ).start()
     c.engine = request.param  # type: ignore[attr-defined]
     try:
         yield c
@@ -109,6 +113,8 @@ def test_steady_state_read_write_runs_no_python(vol: Cluster) -> None:
         if before is not None and after is not None:
             assert after["upcalls"] == before["upcalls"], (before, after)
             assert after["requests"] - before["requests"] == 8 + 2 + 128
+            with urllib.request.urlopen(vol.api + "/v1/volume", timeout=10) as r:
+                assert json.load(r)["engine_counters"]["members"]["shared"] > 0
         # an unusual command still goes up and works
         inq = await ini.command(bytes((0x12, 0, 0, 0, 96, 0)), read=96)
         assert inq.status == 0 and b"TANDEM" in inq.data

@@ -57,11 +57,22 @@ def write_read(uri: str, seed: int) -> None:
         h.shutdown()
 
 
+def shared(c: Cluster) -> list[bool | None]:
+    by_addr = {r["address"]: r.get("shared_memory") for r in c.status()["replicas"]}
+    return [by_addr[a] for a in c.replica_addresses]
+
+
 def test_local_replicas_go_through_their_sockets(cluster: Cluster) -> None:
     c = cluster
     c.wait_modes(["RW", "RW", "RW"])
     assert transports(c) == ["unix", "unix", "tcp"]
+    # A native target shares its payload memory with the native replicas on its socket (the
+    # Python engines do not: data goes through the socket).
+    native = c.status()["engine"] == "native"
+    assert shared(c) == ([True, True, False] if native else [None, None, None])
     write_read(c.uri, 1)
+    if native:
+        assert c.status()["engine_counters"]["members"]["shared"] > 0
     # Replica 0 killed: dropped, restarted, rebuilt over its socket again, data intact.
     c.replicas[0].kill9()
     c.wait_modes(["ERR", "RW", "RW"])

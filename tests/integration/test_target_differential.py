@@ -131,8 +131,12 @@ def test_same_requests_same_answers_on_both_engines(make_cluster: Any) -> None:
     seed = int(os.environ.get("TANDEM_DIFF_SEED", random.randrange(1 << 30)))
     print(f"TANDEM_DIFF_SEED={seed}")
     ops = random_ops(random.Random(seed))
+    # The native stack reaches two replicas through their unix sockets, in shared memory.
+    sockets = {"python": frozenset[int](), "native": frozenset({0, 1})}
     stacks: dict[str, Cluster] = {
-        engine: make_cluster(size=SIZE, env={"TANDEM_ENGINE": engine}).start()
+        engine: make_cluster(
+            size=SIZE, env={"TANDEM_ENGINE": engine}, sockets=sockets[engine]
+        ).start()
         for engine in ("python", "native")
     }
     handles = {engine: connect(c.uri) for engine, c in stacks.items()}
@@ -149,6 +153,7 @@ def test_same_requests_same_answers_on_both_engines(make_cluster: Any) -> None:
         for engine, h in handles.items():
             for offset in range(0, SIZE, 1 << 20):
                 assert h.pread(1 << 20, offset) == model[offset : offset + (1 << 20)], engine
+        assert stacks["native"].status()["engine_counters"]["members"]["shared"] > 0
     finally:
         for h in handles.values():
             h.shutdown()

@@ -60,6 +60,9 @@ def test_oversize_payload_is_refused_before_buffering() -> None:
         (p.Request(Op.WRITE, 1, length=10, payload=b"short"), Status.EINVAL),
         (p.Request(Op.OPEN, 1, payload=b"{not json"), Status.EINVAL),
         (p.Request(Op.OPEN, 1, payload=b"[1]"), Status.EINVAL),
+        # shared memory is the native engine's: the Python server refuses it clearly
+        (p.Request(Op.SHARE, 1, length=1 << 20, payload=b"\x03\0\0\0"), Status.ENOTSUP),
+        (p.Request(Op.READ, 1, length=4096, flags=p.FLAG_SHM, payload=bytes(8)), Status.EINVAL),
     ],
 )
 def test_validate_refuses(req: p.Request, status: int) -> None:

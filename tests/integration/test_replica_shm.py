@@ -1,0 +1,232 @@
+"""Memory shared between a target and a native replica on its host (SHARE and FLAG_SHM in
+replica/protocol.py): the replica maps only shared memory its unix-socket peer holds and
+refuses everything else with a clear error; data is written from and read into that memory
+in place; a target uses it by itself, and never reuses memory a dropped replica might still
+write (its reads in flight)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+
+from replica import protocol as p
+from replica.protocol import Op, Status
+from tests.procs import HOST, Cluster
+
+MiB = 1 << 20
+SHM = 4 * MiB
+
+
+@pytest.fixture(autouse=True)
+def native_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import native
+
+    if (why := native.engine_unavailable()) is not None:
+        pytest.skip(f"native engine: {why}")
+    monkeypatch.setenv("TANDEM_ENGINE", "native")
+
+
+class Raw:
+    """The replica protocol over a blocking socket, one request at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.dec, self.tag = sock, p.ResponseDecoder(), 0
+        sock.settimeout(10)
+
+    def call(
+        self, op: int, offset: int = 0, length: int = 0, flags: int = 0, payload: bytes = b""
+    ) -> p.Response:
+        self.tag += 1
+        self.sock.sendall(p.encode_request(op, self.tag, offset, length, flags, payload))
+        while (resp := self.dec.next()) is None:
+            data = self.sock.recv(1 << 20)
+            assert data, "connection closed"
+            self.dec.feed(data)
+        assert resp.tag == self.tag
+        return resp
+
+    def open(self) -> None:
+        assert self.call(Op.OPEN, payload=b'{"epoch": 4294967296}').status == 0
+
+    def share(self, fd: int, length: int = SHM) -> p.Response:
+        return self.call(Op.SHARE, length=length, payload=struct.pack("<I", fd))
+
+
+@pytest.fixture
+def replica(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, replicas=1, sockets=frozenset({0}))
+    try:
+        c.start_replica(0)
+        yield c
+    finally:
+        c.stop()
+
+
+def unix(c: Cluster) -> Raw:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(str(c.socket_path(0)))
+    return Raw(s)
+
+
+@pytest.fixture
+def memfd() -> Iterator[tuple[int, mmap.mmap]]:
+    fd = os.memfd_create("test-shm")
+    os.ftruncate(fd, SHM)
+    mm = mmap.mmap(fd, SHM)
+    try:
+        yield fd, mm
+    finally:
+        mm.close()
+        os.close(fd)
+
+
+def test_data_is_written_and_read_in_place(replica: Cluster, memfd: tuple[int, mmap.mmap]) -> None:
+    fd, mm = memfd
+    r = unix(replica)
+    r.open()
+    assert r.share(fd).status == 0
+    data = os.urandom(128 << 10)
+    mm[64 << 10 : (64 << 10) + len(data)] = data
+    w = r.call(Op.WRITE, MiB, len(data), p.FLAG_SHM, struct.pack("<Q", 64 << 10))
+    assert (w.status, w.payload) == (0, b"")
+    assert r.call(Op.READ, MiB, len(data)).payload == data  # as the replica stored it
+    got = r.call(Op.READ, MiB, len(data), p.FLAG_SHM, struct.pack("<Q", 2 * MiB))
+    assert (got.status, got.payload) == (0, b"")  # the data went to the memory instead
+    assert mm[2 * MiB : 2 * MiB + len(data)] == data
+    # The memory's end is the limit; a request beyond it is refused, the connection lives on.
+    beyond = r.call(Op.READ, 0, 8192, p.FLAG_SHM, struct.pack("<Q", SHM - 4096))
+    assert beyond.status == Status.EINVAL and "beyond the shared memory" in beyond.message
+    short = r.call(Op.WRITE, 0, 4096, p.FLAG_SHM, b"\0" * 4)
+    assert short.status == Status.EINVAL and "8-byte offset" in short.message
+    flush = r.call(Op.FLUSH, flags=p.FLAG_SHM, payload=bytes(8))
+    assert flush.status == Status.EINVAL and "READ and WRITE only" in flush.message
+    again = r.share(fd)
+    assert again.status == Status.EINVAL and "already shared" in again.message
+    assert r.call(Op.READ, MiB, len(data)).payload == data
+
+
+def test_share_refusals(replica: Cluster, memfd: tuple[int, mmap.mmap], tmp_path: Path) -> None:
+    fd, _ = memfd
+    tcp = Raw(socket.create_connection((HOST, replica.replica_ports[0][0])))
+    refused = tcp.share(fd)
+    assert refused.status == Status.ENOTSUP and "unix socket" in refused.message
+    r = unix(replica)
+    r.open()
+    early = r.call(Op.READ, 0, 4096, p.FLAG_SHM, bytes(8))
+    assert early.status == Status.EINVAL and "send SHARE first" in early.message
+    rd, wr = os.pipe()  # the peer's own fd, but not shared memory: not mapped
+    try:
+        pipe = r.share(rd)
+        assert pipe.status == Status.EINVAL and "not shared memory" in pipe.message
+    finally:
+        os.close(rd)
+        os.close(wr)
+    named = Path(f"/dev/shm/tandem-test-{os.getpid()}")  # shared memory, but a named file
+    nfd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(nfd, SHM)
+        tmpfs = r.share(nfd)
+        assert tmpfs.status == Status.EINVAL and "not shared memory" in tmpfs.message
+    finally:
+        os.close(nfd)
+        named.unlink()
+    closed = r.share(1 << 20)  # no such fd in this process
+    assert closed.status == Status.EINVAL and "cannot open the shared memory" in closed.message
+    big = r.share(fd, SHM + 4096)
+    assert big.status == Status.EINVAL and f"has {SHM} bytes" in big.message
+    empty = r.share(fd, 0)
+    assert empty.status == Status.EINVAL and "shared memory of 0 bytes" in empty.message
+    odd = r.call(Op.SHARE, length=SHM, payload=b"\0" * 8)
+    assert odd.status == Status.EINVAL and "4-byte fd number" in odd.message
+    assert r.call(Op.PING).status == 0  # every refusal kept the connection
+    assert r.share(fd).status == 0  # and a good SHARE still works after them
+
+
+def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
+    """Reads in flight in shared memory to a replica that hangs: after its deadline it is
+    dropped, the reads go to another replica in fresh memory, and what the hung one was given
+    is never handed out again (it may still write there once it runs)."""
+    c = Cluster(tmp_path, sockets=frozenset({0, 1}), size=32 * MiB)
+    try:
+        c.start()
+        c.wait_modes(["RW", "RW", "RW"])
+        assert [r["shared_memory"] for r in c.status()["replicas"]] == [True, True, False]
+        pieces = {off: os.urandom(MiB) for off in range(0, 16 * MiB, MiB)}
+        h = nbd.NBD()
+        h.connect_uri(c.uri)
+        for off, d in pieces.items():
+            h.pwrite(d, off)
+        h.flush()
+        h.shutdown()
+        bad: list[int] = []
+        stop = threading.Event()
+
+        def reader(seed: int) -> None:
+            h = nbd.NBD()
+            h.connect_uri(c.uri)
+            offs = list(pieces)
+            i = seed
+            while not stop.is_set():
+                off = offs[i % len(offs)]
+                if h.pread(MiB, off) != pieces[off]:
+                    bad.append(off)
+                i += 1
+            h.shutdown()
+
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            c.replicas[0].signal(signal.SIGSTOP)
+            c.wait_modes(["ERR", "RW", "RW"], timeout=15)
+            c.replicas[0].signal(signal.SIGCONT)  # it finishes its old reads now
+            time.sleep(2)
+        finally:
+            c.replicas[0].signal(signal.SIGCONT)
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert bad == []
+        counters = c.status()["engine_counters"]["members"]
+        assert counters["shared"] > 0
+        assert counters["leaked_bytes"] >= MiB  # its reads' memory, set aside for good
+        c.wait_modes(["RW", "RW", "RW"])  # and it came back by itself
+    finally:
+        c.stop()
+
+
+def test_a_replica_that_cannot_share_gets_data_through_its_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memfd: tuple[int, mmap.mmap]
+) -> None:
+    """The pure-Python replica answers SHARE with ENOTSUP: the target's data connection is
+    made all the same, and says the memory is not shared."""
+    import asyncio
+
+    from target.native_replicator import open_data_socket
+
+    monkeypatch.setenv("TANDEM_ENGINE", "python")
+    c = Cluster(tmp_path, replicas=1, sockets=frozenset({0}))
+    try:
+        c.start_replica(0)
+        sock, shared = asyncio.run(
+            open_data_socket(c.replica_addresses[0], 1 << 32, None, 10, str(c.socket_path(0)),
+                             memfd[0])
+        )  # fmt: skip
+        with sock:
+            assert shared is False
+            r = Raw(sock)
+            assert r.call(Op.WRITE, 0, 4096, payload=b"x" * 4096).status == 0  # it is OPEN
+            assert r.call(Op.READ, 0, 4096).payload == b"x" * 4096
+    finally:
+        c.stop()
