@@ -41,8 +41,8 @@
 
 enum { OP_READ = 1, OP_WRITE = 2, OP_FLUSH = 3, OP_UNMAP = 4, OP_WRITE_ZEROES = 5 };
 enum { FLAG_FUA = 1, FLAG_NO_HOLE = 2, FLAG_SHM = 4 };
-/* Shared memory: slots of 64 KiB; payloads from one slot up go there (below, the socket copy
- * is cheap next to the rest of a request). */
+/* Shared memory: slots of 64 KiB, one or more per payload (a small payload touches only the
+ * pages it uses: the memfd's pages exist once written). */
 #define SHM_SLOT (64u << 10)
 #define SHM_MAX_SLOTS 4096u
 enum { VS_NEW, VS_QOS, VS_LOCK, VS_RUN, VS_STABLE, VS_DONE };
@@ -84,6 +84,16 @@ static void slots_set(struct pool *p, uint32_t first, uint32_t n, int used)
 /* First fit of n free slots in a row; skips whole taken words. */
 static int64_t slots_find(const struct pool *p, uint32_t n)
 {
+    uint32_t words = (p->nslots + 63) / 64;
+    if (n == 1) { /* the common case (payloads up to 64 KiB): the first clear bit */
+        for (uint32_t w = 0; w < words; w++) {
+            if (p->used[w] != ~0ull) {
+                uint32_t i = w * 64 + (uint32_t)__builtin_ctzll(~p->used[w]);
+                return i < p->nslots ? (int64_t)i : -1;
+            }
+        }
+        return -1;
+    }
     uint32_t run = 0;
     for (uint32_t i = 0; i < p->nslots; i++) {
         if (i % 64 == 0 && run == 0 && p->used[i / 64] == ~0ull) {
@@ -306,7 +316,7 @@ static int any_shared(const struct vol *vol)
 struct vbuf *vol_payload(struct engine *e, size_t len)
 {
     struct vol *vol = e->vol;
-    if (vol && vol->pool && len >= SHM_SLOT && any_shared(vol)) {
+    if (vol && vol->pool && len && any_shared(vol)) {
         struct vbuf *b = vbuf_pool(vol->pool, len);
         if (b)
             return b;

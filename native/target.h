@@ -25,8 +25,8 @@ struct vbuf {
 struct vbuf *vbuf_new(size_t len);
 struct vbuf *vbuf_external(void *data, size_t len);
 /* A payload for volume I/O of len bytes: in the memory the volume shares with replicas on
- * this host when it is large enough and there is room (they read and write it in place,
- * not through their socket), else like vbuf_new. */
+ * this host when one shares it and there is room (they read and write it in place, not
+ * through their socket), else like vbuf_new. */
 struct vbuf *vol_payload(struct engine *e, size_t len);
 static inline struct vbuf *vbuf_get(struct vbuf *b)
 {

@@ -47,7 +47,7 @@ of one of the target's own file descriptors, a memfd of `length` bytes; the repl
 through /proc/PEER/fd for this connection, and takes only shared memory owned by the peer's
 user). On a connection that SHAREd, READ and WRITE may set flags bit 2 SHM: the payload is
 then a u64 offset in that memory where the data is (WRITE, `length` bytes) or is to be put
-(READ; the response then carries no data). Large payloads then cross no socket: the target
+(READ; the response then carries no data). Payloads then cross no socket: the target
 receives an initiator's data into that memory and sends the initiator's reads from it. The
 native engine serves SHARE; the pure-Python server answers ENOTSUP, and the target then sends
 data through the socket as before.

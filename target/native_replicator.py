@@ -22,9 +22,9 @@ the engine:
 - Exclusive range locks (rebuild copies, resize, snapshots) are the engine's.
 - Shared memory: the volume owns a memfd (SHM_SIZE) the engine cuts into payload buffers.
   A replica on this host reached through its unix socket is asked to SHARE it on the data
-  connection; then the engine sends it the place of the data instead of the data (large
-  READ/WRITE payloads cross no socket: they are copied once between the initiator's socket
-  and this memory, once between this memory and the replica's files). A replica that cannot
+  connection; then the engine sends it the place of the data instead of the data (READ and
+  WRITE payloads cross no socket: they are copied once between the initiator's socket and
+  this memory, once between this memory and the replica's files). A replica that cannot
   (the pure-Python server, an older release) answers ENOTSUP and gets the data as before.
 """
 
@@ -54,9 +54,10 @@ log = logging.getLogger("tandem.replicator")
 
 _MODES = {Mode.RW: ne.MODE_RW, Mode.WO: ne.MODE_WO, Mode.ERR: ne.MODE_ERR}
 INTERNAL = ne.FRONTENDS.index("internal")
-# Room for the payloads in flight (e.g. 8 reads and 8 writes of 1 MiB, 32 of 64 KiB at
-# once); what does not fit goes through the socket. Pages are touched only as used.
-SHM_SIZE = 32 << 20
+# Room for the payloads in flight: 1024 slots of 64 KiB (one per payload up to 64 KiB, e.g.
+# 16 reads and 16 writes of 1 MiB at once); what does not fit goes through the socket. Only
+# the pages written are ever allocated (a 4 KiB payload takes one page of its slot).
+SHM_SIZE = 64 << 20
 
 
 class NativeMember(Member):
