@@ -128,3 +128,25 @@ def test_a_live_socket_is_not_taken_over_a_stale_one_is(cluster: Cluster) -> Non
     c.start_replica(1)
     c.wait_modes(["RW", "RW", "RW"])
     assert transports(c) == ["unix", "unix", "tcp"]
+
+
+def test_a_socket_answered_by_another_replica_is_not_used(tmp_path: Path) -> None:
+    """Replica 0's socket file is replaced by replica 1's (renamed over it): replica 0 still
+    names that path, but the replica answering there is not replica 0, so the target keeps to
+    TCP for it, and each replica gets its own writes, nobody else's."""
+    c = Cluster(tmp_path, sockets=frozenset({0, 1}))
+    try:
+        for i in range(3):
+            c.start_replica(i)
+        os.rename(c.socket_path(1), c.socket_path(0))
+        c.start_target()
+        c.wait_modes(["RW", "RW", "RW"])
+        assert transports(c) == ["tcp", "tcp", "tcp"]  # 1's own path is gone: TCP too
+        assert c.target is not None
+        assert "another replica answers at" in c.target.output()
+        write_read(c.uri, 3)
+        sums = [asyncio.run(checksums(f"{HOST}:{d}", c.size)) for d, _ in c.replica_ports]
+        assert sums[0] == sums[1] == sums[2]
+        assert sums[0][0] != sums[0][1]  # the writes are in the first 16 MiB, the next is zeros
+    finally:
+        c.stop()
