@@ -209,7 +209,7 @@ def status(api: str, as_json: bool) -> None:
         color = {"RW": "green", "WO": "yellow", "ERR": "red"}.get(r["mode"], "")
         table.add_row(
             r["address"],
-            r.get("transport") or "",
+            (r.get("transport") or "") + (" + shared memory" if r.get("shared_memory") else ""),
             f"[{color}]{r['mode']}[/]",
             str(r.get("generation")),
             progress,

@@ -112,6 +112,8 @@ def test_crashed_replica_is_restarted_on_its_address_and_rebuilt(lab: Lab) -> No
     target = next(p for p in processes(lab, "crash").values() if p["role"] == "target")
     status = httpx.get(f"http://{target['addresses']['api']}/v1/volume").json()
     assert [r["transport"] for r in status["replicas"]] == ["unix"] * 3
+    if status["engine"] == "native":  # and shares its payload memory with them
+        assert [r["shared_memory"] for r in status["replicas"]] == [True] * 3
     agent = lab.get("/v1/nodes/node0")["agent_url"]
     metrics = httpx.get(f"{agent}/metrics").text
     line = (

@@ -70,6 +70,12 @@ def test_local_replicas_go_through_their_sockets(cluster: Cluster) -> None:
     # Python engines do not: data goes through the socket).
     native = c.status()["engine"] == "native"
     assert shared(c) == ([True, True, False] if native else [None, None, None])
+    out = subprocess.run(
+        [sys.executable, "-m", "maya", "target", "status", "--api", c.api],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    rows = [next(ln for ln in out.splitlines() if a in ln) for a in c.replica_addresses]
+    assert ["shared memory" in row for row in rows] == [native, native, False], out
     write_read(c.uri, 1)
     if native:
         assert c.status()["engine_counters"]["members"]["shared"] > 0
