@@ -1004,7 +1004,8 @@ void tandem_engine_free(tandem_engine *e)
     while (e->cmd_head) {
         struct cmd *c = e->cmd_head;
         e->cmd_head = c->next;
-        if (c->type == CMD_CONN_ADD || c->type == CMD_T_ATTACH)
+        if ((c->type == CMD_CONN_ADD || c->type == CMD_T_ATTACH || c->type == CMD_T_SETUP) &&
+            c->fd >= 0)
             close(c->fd);
         free(c->data);
         free(c->data2);
@@ -1193,7 +1194,9 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
     struct cmd *c = new_cmd(CMD_T_SETUP);
     if (!c)
         return -ENOMEM;
-    c->fd = shm_fd;
+    /* our own copy: the caller may close its fd (and the number be reused) before the
+     * engine thread maps it */
+    c->fd = shm_fd >= 0 ? fcntl(shm_fd, F_DUPFD_CLOEXEC, 0) : -1;
     c->region = shm_size;
     c->size = size;
     c->n = replica_count;
@@ -1202,6 +1205,8 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
     c->t2 = timeout_last;
     c->data = dupstr(name);
     if (!c->data) {
+        if (c->fd >= 0)
+            close(c->fd);
         free(c);
         return -ENOMEM;
     }

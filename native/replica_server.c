@@ -1392,8 +1392,9 @@ static int readv_span(const struct rstore *s, const struct reqhdr *h, const uint
 
 /* SHARE: map the connecting process's shared memory (a target on this host) for this
  * connection. The payload names the memory by the peer's own fd number, opened through
- * /proc/PEER/fd: the peer can only name what it holds, and only a memfd owned by its own user
- * is taken (never a file with a name), so a peer cannot make this process write a file. */
+ * /proc/PEER/fd: the peer can only name what it holds, and only a memfd owned by its own
+ * user and sealed against shrinking and growing is taken (never a file with a name), so a
+ * peer can neither make this process write a file nor pull the memory from under it. */
 static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
 {
     struct rstore *s = rc->s;
@@ -1430,7 +1431,12 @@ static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
             send_error(rc, h->tag, EINVAL, "fd %u is not shared memory of the peer's user", num);
         } else if (mfd < 0) {
             send_error(rc, h->tag, EINVAL, "cannot open the shared memory: %s", strerror(errno));
-        } else if (fstat(mfd, &st) < 0 || fcntl(mfd, F_GET_SEALS) < 0 || st.st_uid != cr.uid) {
+        } else if (fstat(mfd, &st) < 0 || st.st_uid != cr.uid ||
+                   (fcntl(mfd, F_GET_SEALS) & (F_SEAL_SHRINK | F_SEAL_GROW)) !=
+                       (F_SEAL_SHRINK | F_SEAL_GROW)) {
+            /* checked on the file opened (the peer may have swapped its fd since readlink):
+             * only a memfd created sealable can carry these seals, and sealed against
+             * shrinking no holder can cut the mapping short (a SIGBUS here) */
             send_error(rc, h->tag, EINVAL, "fd %u is not shared memory of the peer's user", num);
         } else if ((uint64_t)st.st_size < h->length) {
             send_error(rc, h->tag, EINVAL, "shared memory has %lld bytes, not %u",

@@ -801,6 +801,7 @@ static void msub_put(struct msub *s)
 
 static void msub_release(struct sendbuf *b) { msub_put(container_of(b, struct msub, sb)); }
 
+/* Tags from 1: a replica answers a request it could not parse with tag 0 (then closes). */
 static int tag_alloc(struct mconn *mc, struct msub *s)
 {
     uint32_t idx;
@@ -818,6 +819,8 @@ static int tag_alloc(struct mconn *mc, struct msub *s)
                 return -1;
             mc->freetags = f;
             mc->cap = cap;
+            if (!mc->ntags)
+                mc->tags[mc->ntags++] = NULL; /* tag 0: never a request's */
         }
         idx = mc->ntags++;
     }
@@ -1296,6 +1299,13 @@ static void mc_pump(struct mconn *mc)
             mc_fail(mc, "protocol error: response payload exceeds the limit");
             break;
         }
+        if (tag == 0) { /* the replica could not parse what it was sent: it closes */
+            char why[96];
+            snprintf(why, sizeof(why), "protocol error answered by the replica (status %u)",
+                     status);
+            mc_fail(mc, why);
+            break;
+        }
         struct msub *s = mc_lookup(mc, tag);
         if (s && s->shm && status == 0 && plen == 0) { /* read or written in place */
             c->rpos += RESP_SIZE;
@@ -1466,6 +1476,8 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
     vol->timeout_last = timeout_last;
     snprintf(vol->name, sizeof(vol->name), "%s", name ? name : "");
     pool_map(vol, shm_fd, shm_size);
+    if (shm_fd >= 0)
+        close(shm_fd); /* the engine's own copy (tandem_vol_setup dup()ed it) */
     update_deadlines(vol);
     return 0;
 }

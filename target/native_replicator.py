@@ -31,6 +31,7 @@ the engine:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -197,8 +198,14 @@ class NativeReplicator(Replicator):
         self._ranges = EngineRangeLock(engine)  # type: ignore[assignment]
         self._shm_fd: int | None = None
         try:
-            self._shm_fd = os.memfd_create(f"tandem-{self.volume}", os.MFD_CLOEXEC)
+            self._shm_fd = os.memfd_create(
+                f"tandem-{self.volume}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
             os.ftruncate(self._shm_fd, SHM_SIZE)
+            # Its size is fixed for good: a process holding it cannot shrink it under a mapping
+            # (every access past the end would be a SIGBUS); replicas map only sealed memory.
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(self._shm_fd, fcntl.F_ADD_SEALS, seals)
         except OSError as e:  # no memfd here: every payload goes through sockets
             log.info("volume %s: no shared memory with local replicas: %s", self.volume, e)
             if self._shm_fd is not None:

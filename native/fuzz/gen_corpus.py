@@ -137,8 +137,8 @@ REPLICA = {
             req(Op.READV, 8, 0, 0),  # no entries
         ]
     ),
-    # Shared memory needs a unix socket peer (the harness is not one): refused, and requests
-    # that would use it are refused too.
+    # Shared memory: the harness's peer is itself and its fd 3 is no sealed memfd, so SHARE
+    # is refused, and requests that would use shared memory are refused too.
     "shared_memory": b"".join(
         [
             open_(1),

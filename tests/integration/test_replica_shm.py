@@ -6,6 +6,7 @@ write (its reads in flight)."""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import signal
@@ -78,10 +79,17 @@ def unix(c: Cluster) -> Raw:
     return Raw(s)
 
 
+def sealed_memfd(size: int) -> int:
+    """As a target makes it: its size sealed (nobody can shrink it under a mapping)."""
+    fd = os.memfd_create("test-shm", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
 @pytest.fixture
 def memfd() -> Iterator[tuple[int, mmap.mmap]]:
-    fd = os.memfd_create("test-shm")
-    os.ftruncate(fd, SHM)
+    fd = sealed_memfd(SHM)
     mm = mmap.mmap(fd, SHM)
     try:
         yield fd, mm
@@ -124,21 +132,21 @@ def test_share_refusals(replica: Cluster, memfd: tuple[int, mmap.mmap], tmp_path
     r.open()
     early = r.call(Op.READ, 0, 4096, p.FLAG_SHM, bytes(8))
     assert early.status == Status.EINVAL and "send SHARE first" in early.message
-    rd, wr = os.pipe()  # the peer's own fd, but not shared memory: not mapped
-    try:
-        pipe = r.share(rd)
-        assert pipe.status == Status.EINVAL and "not shared memory" in pipe.message
-    finally:
-        os.close(rd)
-        os.close(wr)
-    named = Path(f"/dev/shm/tandem-test-{os.getpid()}")  # shared memory, but a named file
+    # The peer's own fds, but none of them sealed memory: a pipe, a memfd anyone holding it
+    # could shrink under the mapping, a named file on tmpfs.
+    rd, wr = os.pipe()
+    loose = os.memfd_create("test-unsealed")
+    named = Path(f"/dev/shm/tandem-test-{os.getpid()}")
     nfd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(nfd, SHM)
-        tmpfs = r.share(nfd)
-        assert tmpfs.status == Status.EINVAL and "not shared memory" in tmpfs.message
+        for bad in (loose, nfd):
+            os.ftruncate(bad, SHM)
+        for bad in (rd, loose, nfd):
+            got = r.share(bad)
+            assert got.status == Status.EINVAL and "not shared memory" in got.message
     finally:
-        os.close(nfd)
+        for f in (rd, wr, loose, nfd):
+            os.close(f)
         named.unlink()
     closed = r.share(1 << 20)  # no such fd in this process
     assert closed.status == Status.EINVAL and "cannot open the shared memory" in closed.message
