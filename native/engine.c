@@ -84,6 +84,8 @@ struct cmd {
     struct tandem_io *ios;
     /* the target side */
     int mode, current, track, frontend, quorum;
+    int shared;        /* attach: the replica SHAREd the volume's memory */
+    uint64_t shm_size; /* setup: bytes of the memfd in fd */
     double t1, t2, limits[6];
     uint64_t mcount;
     uint8_t *map;
@@ -762,10 +764,10 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
     }
     case CMD_T_SETUP:
         target_setup(e, cmd->size, cmd->n, cmd->quorum, cmd->t1, cmd->t2, cmd->data, cmd->fd,
-                     cmd->region);
+                     cmd->shm_size);
         break;
     case CMD_T_ATTACH:
-        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->track, cmd->data,
+        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->shared, cmd->data,
                       cmd->id);
         break;
     case CMD_T_MODE:
@@ -1197,7 +1199,7 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
     /* our own copy: the caller may close its fd (and the number be reused) before the
      * engine thread maps it */
     c->fd = shm_fd >= 0 ? fcntl(shm_fd, F_DUPFD_CLOEXEC, 0) : -1;
-    c->region = shm_size;
+    c->shm_size = shm_size;
     c->size = size;
     c->n = replica_count;
     c->quorum = quorum;
@@ -1225,7 +1227,7 @@ int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int curre
     c->fd = fd;
     c->mode = mode;
     c->current = current;
-    c->track = shared;
+    c->shared = shared;
     c->id = id;
     c->data = dupstr(address);
     if (!c->data) {

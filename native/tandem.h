@@ -217,8 +217,8 @@ struct tandem_target_stats {
 /* The volume: size, quorum base, deadlines (seconds; the bare quorum of RW members gets
  * timeout_last), name (for messages). Call again to change any of them. shm_fd (or -1): a
  * memfd of shm_size bytes, mapped at the first call only (the caller keeps the fd open for
- * replicas to SHARE): large payloads of volume I/O live there, and members attached as
- * shared read and write them in place instead of through their socket. */
+ * replicas to SHARE): payloads of volume I/O live there while a member shares it, and such
+ * members read and write them in place instead of through their socket. */
 int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quorum,
                      double timeout, double timeout_last, const char *name, int shm_fd,
                      uint64_t shm_size);

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from native import engine as ne
@@ -195,6 +195,27 @@ class NativeMetrics:
                 upcalls.add_metric([self.volume, fe], st["frontend_upcalls"][fe])
             yield requests
             yield upcalls
+            members = CounterMetricFamily(
+                "tandem_engine_member_requests",
+                "Requests the native engine sent to replicas",
+                labels=["volume"],
+            )
+            members.add_metric([self.volume], st["member_requests"])
+            shared = CounterMetricFamily(
+                "tandem_engine_member_shared_requests",
+                "Of them, requests whose data went through memory shared with the replica",
+                labels=["volume"],
+            )
+            shared.add_metric([self.volume], st["member_shared"])
+            leaked = GaugeMetricFamily(
+                "tandem_engine_shared_memory_set_aside_bytes",
+                "Shared memory never reused: replicas dropped with requests in it may write it",
+                labels=["volume"],
+            )
+            leaked.add_metric([self.volume], st["shm_leaked"])
+            yield members
+            yield shared
+            yield leaked
 
     def stats(self) -> dict[str, Any]:
         return {

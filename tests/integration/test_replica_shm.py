@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +210,11 @@ def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
         counters = c.status()["engine_counters"]["members"]
         assert counters["shared"] > 0
         assert counters["leaked_bytes"] >= MiB  # its reads' memory, set aside for good
+        metrics = urllib.request.urlopen(c.api + "/metrics", timeout=10).read().decode()
+        gauge = 'tandem_engine_shared_memory_set_aside_bytes{volume="vol"} '
+        values = [float(ln[len(gauge) :]) for ln in metrics.splitlines() if ln.startswith(gauge)]
+        assert values == [counters["leaked_bytes"]]
+        assert 'tandem_engine_member_shared_requests_total{volume="vol"}' in metrics
         c.wait_modes(["RW", "RW", "RW"])  # and it came back by itself
     finally:
         c.stop()
