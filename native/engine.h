@@ -72,6 +72,9 @@ struct timer {
 };
 
 uint64_t mono_ns(void);
+/* How many requests are in flight as one arrives: the loop polls instead of sleeping only
+ * while this stays about 1 (poll_ring in engine.c). */
+void engine_note_depth(struct engine *e, int n);
 double mono_s(void);
 void timer_arm(struct engine *e, struct timer *t, uint64_t delay_ns);
 void timer_cancel(struct timer *t);
@@ -198,6 +201,10 @@ struct engine {
     } *defer;
     size_t ndefer, capdefer;
     int sync_writes; /* file writes with pwritev on the loop (see replica_server.c) */
+    uint64_t poll_ns;   /* poll this long after the last completion before sleeping */
+    uint64_t last_busy; /* when the loop last had a completion (while polling is on) */
+    int depth16;        /* requests in flight as one arrives, x16, a moving average */
+    struct tandem_poll_stats poll;
 
     struct list conns;
     struct list flushq;

@@ -127,6 +127,8 @@ class Engine:
         self._final_stats: dict[str, Any] | None = None
         self._tstats_ptr = lib.tandem_target_stats(eng)
         self._final_tstats: dict[str, Any] | None = None
+        self._poll_ptr = lib.tandem_engine_poll_stats(eng)
+        self._final_poll: dict[str, Any] | None = None
         self._maps: dict[int, Any] = {}  # member slot -> the map view the engine uses
         self._keep: dict[int, Any] = {}  # request id -> buffers it needs until answered
 
@@ -150,6 +152,7 @@ class Engine:
         self.drain()
         self._final_stats = self.replica_stats()
         self._final_tstats = self.target_stats()
+        self._final_poll = self.poll_stats()
         eng, self._eng = self._eng, None
         lib.tandem_engine_free(eng)  # joins the engine thread (cffi releases the GIL)
         self.release_shared()
@@ -353,6 +356,20 @@ class Engine:
         rc = lib.tandem_replica_iov(self._live, arr, len(ios))
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))
+
+    def set_poll(self, microseconds: int) -> None:
+        """Poll for this long after a completion before sleeping, while requests come one at
+        a time (0: never). See tandem_engine_set_poll."""
+        if microseconds < 0:
+            raise ValueError("the poll time cannot be negative")
+        lib.tandem_engine_set_poll(self._live, microseconds * 1000)
+
+    def poll_stats(self) -> dict[str, Any]:
+        """Polls that found work, polls that gave up and slept, seconds spent polling."""
+        if self._eng is None:
+            return dict(self._final_poll or {"hits": 0, "misses": 0, "seconds": 0.0})
+        p = self._poll_ptr
+        return {"hits": p.hits, "misses": p.misses, "seconds": p.ns / 1e9}
 
     def replica_stats(self) -> dict[str, Any]:
         """The engine's replica counters (a snapshot; the last one once closed)."""

@@ -1766,6 +1766,7 @@ static void rc_pump(struct rconn *rc)
     }
     rc->pumping = 1;
     conn_get(c);
+    int parsed = 0;
     do {
         rc->repump = 0;
         while (can_parse(rc)) {
@@ -1792,6 +1793,7 @@ static void rc_pump(struct rconn *rc)
                     break;
                 }
                 c->rpos += REQ_SIZE;
+                parsed++;
                 rc->bighdr = h;
                 rc->bigbuf = buf;
                 if (conn_recv_direct(c, buf, h.plen))
@@ -1801,9 +1803,12 @@ static void rc_pump(struct rconn *rc)
             if (avail < total)
                 break;
             c->rpos += total;
+            parsed++;
             handle_frame(rc, &h, c->rbuf + c->rpos - h.plen, NULL);
         }
     } while (rc->repump);
+    if (parsed)
+        engine_note_depth(c->e, parsed > rc->ninflight ? parsed : rc->ninflight);
     rc->pumping = 0;
     rc_maybe_finish(rc);
     conn_arm_recv(c);

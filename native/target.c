@@ -196,6 +196,7 @@ enum { B_READ_IOPS, B_WRITE_IOPS, B_TOTAL_IOPS, B_READ_BPS, B_WRITE_BPS, B_TOTAL
 
 struct vol {
     struct engine *e;
+    int nactive; /* requests submitted and not yet finished */
     uint64_t size;
     int replica_count, quorum;
     double timeout, timeout_last;
@@ -376,6 +377,7 @@ static void vio_deferred(struct engine *e, struct io *io, int res)
 /* The request is over (status, msg set): count it, hand it back from the loop. */
 static void vio_finish(struct vol *vol, struct vio *v)
 {
+    vol->nactive--;
     v->state = VS_DONE;
     count(vol, v);
     v->dio.done = vio_deferred;
@@ -697,6 +699,7 @@ void vio_submit(struct engine *e, struct vio *v)
         eng_defer(e, &v->dio, 0);
         return;
     }
+    engine_note_depth(e, ++vol->nactive);
     if (vol->limited && v->op != TANDEM_VIO_FLUSH) {
         int k = q_kind(v);
         v->state = VS_QOS;

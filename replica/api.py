@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field
 
+from native.metrics import poll_families
 from replica import faults
 from replica.server import ReplicaServer
 
@@ -47,6 +48,9 @@ class _Collector:
         )
         c.add_metric([vol], s.connections)
         yield c
+        poll = getattr(s, "poll", None)  # the native engine's
+        if poll is not None:
+            yield from poll_families("tandem_replica_engine", vol, poll)
 
 
 def _counter(name: str, doc: str, vol: str, value: int) -> CounterMetricFamily:

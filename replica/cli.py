@@ -11,6 +11,20 @@ import click
 from replica.sizes import parse_size
 from replica.store import StoreError
 
+DEFAULT_POLL_US = 50
+
+# Shared by `tandem target serve` and `tandem replica serve`.
+POLL_OPTION = click.option(
+    "--poll-us",
+    type=click.IntRange(0, 10_000),
+    default=DEFAULT_POLL_US,
+    show_default=True,
+    envvar="TANDEM_POLL_US",
+    help="Native engine: after each completion, poll this many microseconds for the next one "
+    "before sleeping, while requests come one at a time (queue depth 1; never under load). "
+    "Lower latency for that CPU; 0 never polls.",
+)
+
 
 @click.group()
 def replica() -> None:
@@ -55,6 +69,7 @@ def replica() -> None:
     help="Data path: native (C on io_uring), python (the reference), or auto (native where "
     "io_uring works and the extension is built).",
 )
+@POLL_OPTION
 def serve(
     directory: Path,
     size: str,
@@ -64,6 +79,7 @@ def serve(
     socket_path: str | None,
     debug_api: bool,
     engine: str,
+    poll_us: int,
 ) -> None:
     """Serve a replica directory over the replica data protocol."""
     from replica.daemon import serve_replica
@@ -73,7 +89,9 @@ def serve(
         nbytes = parse_size(size)
         directory.mkdir(parents=True, exist_ok=True)
         asyncio.run(
-            serve_replica(directory, nbytes, listen, api, volume, debug_api, engine, socket_path)
+            serve_replica(
+                directory, nbytes, listen, api, volume, debug_api, engine, socket_path, poll_us
+            )
         )
     except (StoreError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from e

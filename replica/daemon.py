@@ -32,6 +32,7 @@ async def serve_replica(
     debug_api: bool = False,
     engine: str = "auto",
     socket_path: str | None = None,
+    poll_us: int = 0,
 ) -> None:
     # Handlers first: a SIGTERM that arrives while starting still means a clean stop.
     stop = asyncio.Event()
@@ -47,7 +48,7 @@ async def serve_replica(
     if kind == "native":
         from replica.native_server import NativeReplicaServer
 
-        server = NativeReplicaServer(store)
+        server = NativeReplicaServer(store, poll_us)
     else:
         server = ReplicaServer(store)
     host, port = parse_address(listen)

@@ -84,6 +84,12 @@ class NativeReplicaStats:
     def requests(self) -> int:
         return self._c().get("requests", 0)
 
+    @property
+    def poll(self) -> dict[str, Any]:
+        """The engine's polling: hits, misses, seconds (Engine.poll_stats)."""
+        eng = self._server._engine
+        return eng.poll_stats() if eng is not None else {"hits": 0, "misses": 0, "seconds": 0.0}
+
 
 class _View:
     """What `_Connection` needs of its server: the store, Python's counters, info(), and
@@ -229,8 +235,9 @@ class _Conn:
 class NativeReplicaServer(ne.EngineHandler):
     engine_name = "native"
 
-    def __init__(self, store: ReplicaStore) -> None:
+    def __init__(self, store: ReplicaStore, poll_us: int = 0) -> None:
         self.store = store
+        self.poll_us = poll_us
         self.stats = NativeReplicaStats(self)
         self.state = "open"
         self.port = 0
@@ -265,6 +272,7 @@ class NativeReplicaServer(ne.EngineHandler):
             self.socket_path = socket_path
         engine = ne.Engine(self)
         try:
+            engine.set_poll(self.poll_us)
             engine.attach(loop)
             self._engine = engine
             self._push_store()

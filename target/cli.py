@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from replica.cli import POLL_OPTION
 from replica.client import parse_address
 from replica.sizes import parse_size
 
@@ -94,6 +95,7 @@ def target() -> None:
     help="Data path: native (C on io_uring), python (the reference), or auto (native where "
     "io_uring works and the extension is built).",
 )
+@POLL_OPTION
 def serve(
     name: str,
     size: str,
@@ -121,6 +123,7 @@ def serve(
     public_portal: str | None,
     api: str,
     engine: str,
+    poll_us: int,
 ) -> None:
     """Serve a replicated volume over NBD and/or iSCSI."""
     from target.daemon import serve_target
@@ -168,6 +171,7 @@ def serve(
                 public_portal=portal,
             ),
             engine=engine,
+            poll_us=poll_us,
         )
         for address in (*replicas, *([] if no_nbd else [nbd]), *([iscsi] if iscsi else []), api):
             parse_address(address)

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from native import engine as ne
+from native.metrics import poll_families
 from target.qos import LIMITS, QosLimits
 from target.stats import _BUCKETS, OPS
 
@@ -64,9 +65,10 @@ class TargetEvents(ne.EngineHandler):
         log.log(level, "%s", message)
 
 
-def start_engine() -> tuple[ne.Engine, TargetEvents]:
+def start_engine(poll_us: int = 0) -> tuple[ne.Engine, TargetEvents]:
     events = TargetEvents()
     engine = ne.Engine(events)
+    engine.set_poll(poll_us)
     engine.attach(asyncio.get_running_loop())
     return engine, events
 
@@ -216,6 +218,7 @@ class NativeMetrics:
             yield members
             yield shared
             yield leaked
+            yield from poll_families("tandem_engine", self.volume, self.engine.poll_stats())
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -49,6 +49,7 @@ class VolumeOptions:
     iscsi: IscsiOptions | None = field(default=None)
     qos: QosLimits = field(default_factory=QosLimits)
     engine: str = "python"  # or "native" (native.choose_engine picks)
+    poll_us: int = 0  # native engine: poll this long before sleeping at queue depth 1
 
 
 class ReplicatedState:
@@ -81,7 +82,7 @@ class Volume:
             from target.native_replicator import NativeReplicator
             from target.native_volume import NativeMetrics, NativeQos, start_engine
 
-            self.engine, self._events = start_engine()
+            self.engine, self._events = start_engine(opts.poll_us)
             self.replicator: Replicator = NativeReplicator(self.engine, *args, **kw)
             self._events.replicator = self.replicator  # type: ignore[assignment]
             self.qos: Any = NativeQos(self.engine, opts.qos)
@@ -165,7 +166,7 @@ class Volume:
         if self.engine is not None:
             self.engine.close()  # after the replicator: its last requests went through it
 
-    def engine_counters(self) -> dict[str, dict[str, int]]:
+    def engine_counters(self) -> dict[str, dict[str, Any]]:
         """Per frontend: requests the engine parsed, and how many of them went up to Python
         (steady-state READ/WRITE should add none); requests to members, how many of them had
         their data in shared memory, and the bytes of it never reused (a replica dropped
@@ -184,6 +185,7 @@ class Volume:
                 "shared": st["member_shared"],
                 "leaked_bytes": st["shm_leaked"],
             },
+            "poll": self.engine.poll_stats(),
         }
 
     def status(self) -> dict[str, Any]:
