@@ -485,12 +485,19 @@ void conn_send(struct conn *c, struct sendbuf *b)
     }
 }
 
+/* A sendmsg takes no more buffers once it has this many bytes: small replies still go many
+ * to a call, a large one goes alone. Measured (A/B, 1 MiB NBD reads at qd8): 12-15% faster
+ * than sending all queued replies (up to 64 iovecs, several MiB) in one call, which holds
+ * the socket so long that the peer's ACKs pile up in its backlog for this thread to process;
+ * cutting large payloads into 256 KiB pieces as well was slower again. */
+#define SEND_BATCH (256u << 10)
+
 static void conn_submit_send(struct conn *c)
 {
     int n = 0;
-    size_t skip = c->sqoff;
-    for (struct sendbuf *b = c->sq; b && n < 64; b = b->next) {
-        for (int i = 0; i < b->niov && n < 64; i++) {
+    size_t skip = c->sqoff, bytes = 0;
+    for (struct sendbuf *b = c->sq; b && n < 64 && bytes < SEND_BATCH; b = b->next) {
+        for (int i = 0; i < b->niov && n < 64 && bytes < SEND_BATCH; i++) {
             size_t l = b->iov[i].iov_len;
             if (skip >= l) {
                 skip -= l;
@@ -498,6 +505,7 @@ static void conn_submit_send(struct conn *c)
             }
             c->siov[n].iov_base = (char *)b->iov[i].iov_base + skip;
             c->siov[n].iov_len = l - skip;
+            bytes += l - skip;
             skip = 0;
             n++;
         }
