@@ -244,3 +244,44 @@ def test_a_replica_that_cannot_share_gets_data_through_its_socket(
             assert r.call(Op.READ, 0, 4096).payload == b"x" * 4096
     finally:
         c.stop()
+
+
+def test_payloads_beyond_the_shared_memory_go_through_the_socket(tmp_path: Path) -> None:
+    """More write data in flight than the volume's shared memory holds (64 MiB): the rest goes
+    through the replica's socket, every write lands, nothing is set aside."""
+    c = Cluster(tmp_path, replicas=1, sockets=frozenset({0}), size=128 * MiB)
+    try:
+        c.start()
+        c.wait_modes(["RW"])
+        before = c.status()["engine_counters"]["members"]
+        pieces = {off: os.urandom(4 * MiB) for off in range(0, 96 * MiB, 4 * MiB)}
+        h = nbd.NBD()
+        h.connect_uri(c.uri)
+        try:
+            # The replica is stopped (well within its deadline) while all 96 MiB arrive, so
+            # every write holds its payload at once.
+            c.replicas[0].signal(signal.SIGSTOP)
+            try:
+                cookies = [h.aio_pwrite(d, off) for off, d in pieces.items()]
+                until = time.monotonic() + 0.7
+                while time.monotonic() < until:
+                    h.poll(50)  # libnbd sends queued commands only while polled
+            finally:
+                c.replicas[0].signal(signal.SIGCONT)
+            while h.aio_in_flight():
+                h.poll(-1)
+            for cookie in cookies:
+                assert h.aio_command_completed(cookie)  # raises on a failed write
+            after = c.status()["engine_counters"]["members"]
+            for off, d in pieces.items():
+                assert h.pread(len(d), off) == d
+        finally:
+            h.shutdown()
+        requests = after["requests"] - before["requests"]
+        shared = after["shared"] - before["shared"]
+        assert 0 < shared < requests, (before, after)
+        assert after["leaked_bytes"] == 0
+        assert c.modes() == ["RW"]
+    finally:
+        c.replicas[0].signal(signal.SIGCONT)
+        c.stop()
