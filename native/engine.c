@@ -890,15 +890,19 @@ void engine_note_depth(struct engine *e, int n)
  * much on a VM. Each turn yields the CPU: with a pause instead, the pollers took the CPU
  * from the initiator and the replica they wait for (NBD qd1 on 2 cores: 20-32k IOPS with
  * a pause, 38-42k yielding). Not under load: there the loop finds work without sleeping
- * anyway (and polling cost qd32 reads 10%). Returns 1 when there is work. */
-static int poll_ring(struct engine *e)
+ * anyway (and polling cost qd32 reads 10%). Never past the next timer (due). Returns 1
+ * when there is work. */
+static int poll_ring(struct engine *e, uint64_t due)
 {
     uint64_t budget = __atomic_load_n(&e->poll_ns, __ATOMIC_RELAXED);
     if (!budget || e->depth16 > 24)
         return 0;
     uint64_t start = mono_ns(), now = start;
+    uint64_t until = e->last_busy + budget < due ? e->last_busy + budget : due; /* a timer */
+    if (now >= until)
+        return 0; /* no completion lately (woken by a timer, or polling just turned on) */
     int found = 0;
-    while (now < e->last_busy + budget) {
+    while (now < until) {
         io_uring_submit_and_get_events(&e->ring);
         if (io_uring_cq_ready(&e->ring) || __atomic_load_n(&e->cmd_head, __ATOMIC_RELAXED)) {
             found = 1;
@@ -940,20 +944,23 @@ static void *engine_main(void *arg)
         flush_sends(e);
         if (e->stopping && e->nios == 0 && !e->ndefer && list_empty(&e->conns))
             break;
-        struct __kernel_timespec ts, *tsp = NULL;
-        if (!list_empty(&e->timers)) {
-            uint64_t when = container_of(e->timers.next, struct timer, link)->when;
-            uint64_t now = mono_ns();
-            uint64_t d = when > now ? when - now : 0;
-            ts.tv_sec = (long long)(d / 1000000000ull);
-            ts.tv_nsec = (long long)(d % 1000000000ull);
-            tsp = &ts;
-        }
-        struct io_uring_cqe *cqe;
-        if (tsp && ts.tv_sec == 0 && ts.tv_nsec == 0)
+        uint64_t due = UINT64_MAX; /* the next timer */
+        if (!list_empty(&e->timers))
+            due = container_of(e->timers.next, struct timer, link)->when;
+        if (due <= mono_ns()) {
             io_uring_submit(&e->ring);
-        else if (!poll_ring(e))
+        } else if (!poll_ring(e, due)) {
+            struct __kernel_timespec ts, *tsp = NULL;
+            if (due != UINT64_MAX) {
+                uint64_t now = mono_ns();
+                uint64_t d = due > now ? due - now : 0;
+                ts.tv_sec = (long long)(d / 1000000000ull);
+                ts.tv_nsec = (long long)(d % 1000000000ull);
+                tsp = &ts;
+            }
+            struct io_uring_cqe *cqe;
             io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, tsp, NULL);
+        }
         for (;;) {
             unsigned n = io_uring_peek_batch_cqe(&e->ring, cqes, 256);
             if (!n)
@@ -967,7 +974,7 @@ static void *engine_main(void *arg)
                 done[i].res = cqes[i]->res;
             }
             io_uring_cq_advance(&e->ring, n);
-            e->last_busy = e->poll_ns ? mono_ns() : 0;
+            e->last_busy = __atomic_load_n(&e->poll_ns, __ATOMIC_RELAXED) ? mono_ns() : 0;
             for (unsigned i = 0; i < n; i++) {
                 if (done[i].io != &e->cmd_io)
                     e->nios--;

@@ -258,14 +258,17 @@ def test_payloads_beyond_the_shared_memory_go_through_the_socket(tmp_path: Path)
         h = nbd.NBD()
         h.connect_uri(c.uri)
         try:
-            # The replica is stopped (well within its deadline) while all 96 MiB arrive, so
-            # every write holds its payload at once.
+            # The replica is stopped (well within its deadline) until the target has sent
+            # it every write, so all 96 MiB are held at once.
             c.replicas[0].signal(signal.SIGSTOP)
             try:
                 cookies = [h.aio_pwrite(d, off) for off, d in pieces.items()]
-                until = time.monotonic() + 0.7
+                until = time.monotonic() + 5
                 while time.monotonic() < until:
                     h.poll(50)  # libnbd sends queued commands only while polled
+                    sent = c.status()["engine_counters"]["members"]["requests"]
+                    if sent - before["requests"] >= len(pieces):
+                        break
             finally:
                 c.replicas[0].signal(signal.SIGCONT)
             while h.aio_in_flight():
