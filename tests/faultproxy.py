@@ -22,6 +22,7 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._gate: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._upstream: dict[asyncio.StreamWriter, int] = {}  # toward the replica: bytes sent
 
     @property
     def address(self) -> str:
@@ -42,6 +43,8 @@ class FaultProxy:
         try:
             while data := await r.read(1 << 16):
                 await self._gate.wait()  # a cut link holds the bytes
+                if w in self._upstream:
+                    self._upstream[w] += len(data)
                 w.write(data)
                 await w.drain()
         except (ConnectionError, OSError):
@@ -59,8 +62,10 @@ class FaultProxy:
             w.close()
             return
         self._writers |= {w, uw}
+        self._upstream[uw] = 0
         await asyncio.gather(self._pipe(r, uw), self._pipe(ur, w))
         self._writers -= {w, uw}
+        del self._upstream[uw]
 
     def cut(self) -> None:
         assert self._gate is not None
@@ -69,6 +74,18 @@ class FaultProxy:
     def restore(self) -> None:
         assert self._gate is not None
         self._loop.call_soon_threadsafe(self._gate.set)
+
+    def garble(self, data: bytes) -> None:
+        """Send data to the replica on the connection that carried the most bytes to it (the
+        target's data connection, once volume I/O went through), between what the target
+        sends: call it with no I/O in flight, so it lands on a message boundary."""
+
+        async def inject() -> None:
+            w = max(self._upstream, key=self._upstream.__getitem__)
+            w.write(data)
+            await w.drain()
+
+        asyncio.run_coroutine_threadsafe(inject(), self._loop).result(5)
 
     def stop(self) -> None:
         async def close() -> None:

@@ -288,3 +288,32 @@ def test_payloads_beyond_the_shared_memory_go_through_the_socket(tmp_path: Path)
     finally:
         c.replicas[0].signal(signal.SIGCONT)
         c.stop()
+
+
+def test_a_replica_that_cannot_parse_its_stream_is_dropped(tmp_path: Path) -> None:
+    """A replica answers a stream it cannot parse with tag 0 and closes. The target's tags
+    start at 1, so that answer completes no request of its: the member is dropped for the
+    protocol error, comes back, and the data is intact."""
+    c = Cluster(tmp_path, replicas=2, size=16 * MiB)
+    proxy = c.add_proxy(0)  # TCP, so a proxy can put bytes into the stream
+    try:
+        c.start()
+        c.wait_modes(["RW", "RW"])
+        data = os.urandom(MiB)
+        h = nbd.NBD()
+        h.connect_uri(c.uri)
+        try:
+            h.pwrite(data, 0)
+            h.flush()
+            proxy.garble(b"\xff" * p.REQ.size)  # bad magic, at a message boundary
+            log = c.log_dir / "target.log"
+            until = time.monotonic() + 15
+            while "protocol error answered by the replica" not in log.read_text():
+                assert time.monotonic() < until, log.read_text()[-3000:]
+                time.sleep(0.1)
+            c.wait_modes(["RW", "RW"])
+            assert h.pread(MiB, 0) == data
+        finally:
+            h.shutdown()
+    finally:
+        c.stop()
