@@ -21,7 +21,8 @@ POLL_OPTION = click.option(
     show_default=True,
     envvar="TANDEM_POLL_US",
     help="Native engine: after each completion, poll this many microseconds for the next one "
-    "before sleeping, while requests come one at a time (queue depth 1; never under load). "
+    "before sleeping, while requests come one at a time (queue depth 1; not with many in "
+    "flight). "
     "Lower latency for that CPU; 0 never polls.",
 )
 
