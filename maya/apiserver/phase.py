@@ -1,7 +1,9 @@
 """A volume's phase from what the apiserver observes (pure; see Cluster for the inputs).
 
 Pending     placed, target not answering yet (never has), or still selecting its replicas
-Healthy     every configured replica RW, every replica's node ready
+Healthy     every configured replica RW, every replica's node ready; only members the
+            apiserver placed count (a replaced replica stays a member, RW, until the
+            target's deadline for it passes)
 Rebuilding  writable, some replica WO (being rebuilt)
 Degraded    writable, fewer RW replicas than configured and none rebuilding, or a
             replica's node is silent (the target may not have noticed yet)
@@ -50,7 +52,8 @@ def volume_phase(
     if status.get("starting"):
         return VolumePhase("Pending", "the target is selecting its current replicas")
     members = status.get("replicas", [])
-    rw = sum(1 for m in members if m["mode"] == "RW")
+    placed = {(reports.get(r.id) or {}).get("addresses", {}).get("data") for r in replicas}
+    rw = sum(1 for m in members if m["mode"] == "RW" and m["address"] in placed)
     wo = [m for m in members if m["mode"] == "WO"]
     if status.get("readonly"):
         return VolumePhase(
@@ -69,6 +72,7 @@ def volume_phase(
         return VolumePhase("Rebuilding", f"rebuilding {len(wo)} replica(s){pct}", False)
     parts = [f"{rw} of {vol.replica_count} replicas RW"]
     where = {(reports.get(r.id) or {}).get("addresses", {}).get("data"): r.node for r in replicas}
+    gone = [m["address"] for m in members if m["mode"] != "ERR" and m["address"] not in placed]
     down = [
         f"{where.get(m['address'], m['address'])} {m['mode']}"
         for m in members
@@ -76,6 +80,8 @@ def volume_phase(
     ]
     if down:
         parts.append(f"failed: {', '.join(down)}")
+    if gone:
+        parts.append(f"replaced, still in the target: {', '.join(gone)}")
     if lost:
         parts.append(f"node(s) not ready: {', '.join(lost)}")
     return VolumePhase("Degraded", "; ".join(parts), False)

@@ -145,6 +145,16 @@ def test_lost_node_replica_is_replaced_and_rebuilt_through_the_target() -> None:
     assert lost not in placed and placed["n4"] == "Scheduled"
     assert ("remove", f"{lost}:1") in fake.calls  # the ERR member, no longer placed
     assert "ReplicaReplaced" in [e["type"] for e in view["events"]]
+    # A target that still counts the replaced replica RW (its deadline not yet passed) has
+    # three RW members, but only two placed ones: not Healthy.
+    fake.members[f"{lost}:1"] = "RW"
+    run(rec.once())
+    view = volumes.view(cluster, cluster.store.volume("v"))  # type: ignore[arg-type]
+    assert view["phase"] == "Degraded", view
+    assert f"replaced, still in the target: {lost}:1" in view["message"]
+    fake.members[f"{lost}:1"] = "ERR"
+    run(rec.once())
+    assert f"{lost}:1" not in fake.members
 
     # The new replica starts and reports its address: the target is told to add it.
     new = next(r["id"] for r in view["replicas"] if r["node"] == "n4")
