@@ -384,6 +384,7 @@ class Engine:
             "requests": s.requests,
             "upcalls": s.upcalls,
             "pauses": s.pauses,
+            "file_writes": s.file_writes,
         }
 
     # --- the target side ----------------------------------------------------------------------

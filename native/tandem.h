@@ -96,6 +96,7 @@ struct tandem_replica_stats {
     uint64_t requests; /* every framed request */
     uint64_t upcalls;  /* requests handed to Python */
     uint64_t pauses;
+    uint64_t file_writes; /* write calls to the layer files (a large write: one, or pieces) */
 };
 
 /* Polling: after a completion the engine thread polls its ring for up to this long before

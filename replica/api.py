@@ -48,6 +48,11 @@ class _Collector:
         )
         c.add_metric([vol], s.connections)
         yield c
+        writes = getattr(s, "file_writes", None)  # the native engine's
+        if writes is not None:
+            yield _counter(
+                "tandem_replica_file_writes", "Write calls to the layer files", vol, writes
+            )
         poll = getattr(s, "poll", None)  # the native engine's
         if poll is not None:
             yield from poll_families("tandem_replica_engine", vol, poll)

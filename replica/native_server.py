@@ -85,6 +85,12 @@ class NativeReplicaStats:
         return self._c().get("requests", 0)
 
     @property
+    def file_writes(self) -> int:
+        """Write calls to the layer files: a large write over cached pages takes one, else
+        one per WRITE_PIECE."""
+        return self._c().get("file_writes", 0)
+
+    @property
     def poll(self) -> dict[str, Any]:
         """The engine's polling: hits, misses, seconds (Engine.poll_stats)."""
         eng = self._server._engine

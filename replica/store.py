@@ -171,7 +171,8 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
 # cache sizes a folio by the write that creates it, and ext4 walks the whole folio on every
 # later write into it. Measured here: a 4 KiB write into a file filled with 1 MiB writes
 # costs 16.8 us of CPU, with 256 KiB writes 6-8 us, 128 KiB 5.5 us, 64 KiB 3.6 us (filling
-# costs 4% more at 128 KiB, 15% at 64 KiB). native/replica_server.c does the same.
+# costs 4% more at 128 KiB, 15% at 64 KiB). native/replica_server.c does the same, except
+# over pages all in the page cache (no folio is made: one call, see its all_cached).
 WRITE_PIECE = 64 << 10
 
 

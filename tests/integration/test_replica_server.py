@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from native import engine_unavailable as native_unavailable
 from replica import protocol as p
 from replica.client import ReplicaClient, ReplicaError
 from tests.procs import HOST, Proc, free_port, http_json, wait_port
 
 
-def start_replica(tmp_path: Path, name: str = "r") -> tuple[Proc, int, int]:
+def start_replica(tmp_path: Path, name: str = "r", *extra: str) -> tuple[Proc, int, int]:
     data, api = free_port(), free_port()
     proc = Proc(
         f"replica-{name}",
@@ -33,6 +36,7 @@ def start_replica(tmp_path: Path, name: str = "r") -> tuple[Proc, int, int]:
             f"{HOST}:{data}",
             "--api",
             f"{HOST}:{api}",
+            *extra,
         ],
         tmp_path,
     )
@@ -162,6 +166,42 @@ def test_copy_from_of_scattered_small_pieces(replica, tmp_path: Path) -> None:  
         run(scenario())
     finally:
         src_proc.stop()
+
+
+@pytest.mark.skipif(native_unavailable() is not None, reason=str(native_unavailable()))
+def test_native_large_writes_over_cached_pages_take_one_call(tmp_path: Path) -> None:
+    """A large write goes to the file in 64 KiB pieces where it would create page-cache
+    folios (small folios keep later small writes cheap), in one call where every page is
+    cached already (no folio is created; the pieces only cost calls)."""
+    proc, data, api = start_replica(tmp_path, "r", "--engine", "native")
+
+    def file_writes() -> int:
+        text = httpx.get(f"http://{HOST}:{api}/metrics", timeout=10).text
+        m = re.search(r'^tandem_replica_file_writes_total\{volume="v"\} (\S+)$', text, re.M)
+        assert m, text[-2000:]
+        return int(float(m.group(1)))
+
+    async def scenario() -> None:
+        c = ReplicaClient(f"{HOST}:{data}")
+        await c.connect()
+        await c.open(1)
+        first, again = random.randbytes(1 << 20), random.randbytes(1 << 20)
+        n0 = file_writes()
+        await c.write(2 << 20, first)  # a sparse file: nothing cached, 16 pieces
+        n1 = file_writes()
+        await c.write(2 << 20, again)  # every page cached now: one call
+        n2 = file_writes()
+        await c.write((2 << 20) + (512 << 10), first)  # half of it never written: pieces
+        n3 = file_writes()
+        assert (n1 - n0, n2 - n1, n3 - n2) == (16, 1, 16)
+        want = again[: 512 << 10] + first
+        assert await c.read(2 << 20, len(want)) == want
+        c.close()
+
+    try:
+        run(scenario())
+    finally:
+        proc.stop()
 
 
 def test_garbage_is_rejected_without_crashing(replica) -> None:  # type: ignore[no-untyped-def]
