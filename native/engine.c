@@ -86,6 +86,7 @@ struct cmd {
     /* the target side */
     int mode, current, track, frontend, quorum;
     int shared;        /* attach: the replica SHAREd the volume's memory */
+    uint32_t local[4]; /* attach: SHARE's offer of local reads (local[0] = pid, 0: none) */
     uint64_t shm_size; /* setup: bytes of the memfd in fd */
     double t1, t2, limits[6];
     uint64_t mcount;
@@ -776,7 +777,8 @@ static void run_cmd(struct engine *e, struct cmd *cmd)
                      cmd->shm_size);
         break;
     case CMD_T_ATTACH:
-        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->shared, cmd->data,
+        target_attach(e, cmd->slot, cmd->fd, cmd->mode, cmd->current, cmd->shared, cmd->local,
+                      cmd->data,
                       cmd->id);
         break;
     case CMD_T_MODE:
@@ -1279,7 +1281,7 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
 }
 
 int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current, int shared,
-                         const char *address, uint64_t id)
+                         const uint32_t *local, const char *address, uint64_t id)
 {
     if (slot < 0 || slot >= TANDEM_MAX_MEMBERS)
         return -EINVAL;
@@ -1291,6 +1293,8 @@ int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int curre
     c->mode = mode;
     c->current = current;
     c->shared = shared;
+    if (local)
+        memcpy(c->local, local, sizeof(c->local));
     c->id = id;
     c->data = dupstr(address);
     if (!c->data) {

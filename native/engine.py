@@ -425,16 +425,24 @@ class Engine:
         self._check(rc, "volume setup")
 
     def member_attach(
-        self, slot: int, fd: int, mode: int, current: bool, shared: bool, address: str
+        self,
+        slot: int,
+        fd: int,
+        mode: int,
+        current: bool,
+        shared: bool,
+        address: str,
+        local: tuple[int, int, int, int] | None = None,
     ) -> asyncio.Future[None]:
         """Hand over a member's data connection (the engine closes fd); done once the member
-        receives writes."""
+        receives writes. local: SHARE's offer of local reads (open_data_socket)."""
         if self._eng is None:
             os.close(fd)
             raise OSError(errno.ESHUTDOWN, "the engine stopped")
         rid, fut = self._request()
+        offer = ffi.new("uint32_t[4]", list(local)) if local else ffi.NULL
         rc = lib.tandem_member_attach(
-            self._eng, slot, fd, mode, int(current), int(shared), address.encode(), rid
+            self._eng, slot, fd, mode, int(current), int(shared), offer, address.encode(), rid
         )
         if rc < 0:
             self._forget(rid)
@@ -638,6 +646,7 @@ class Engine:
             "throttled_seconds": list(s.throttled_seconds),
             "member_requests": s.member_requests,
             "member_shared": s.member_shared,
+            "local_reads": s.local_reads,
             "shm_leaked": s.shm_leaked,
             "drops": s.drops,
             "drop_seq": s.drop_seq,

@@ -150,7 +150,16 @@ struct rstore {
     int nfaults;
     uint8_t *zeros;
     struct tandem_replica_stats *st;
+
+    /* Local reads (SHARE's answer): a sealed memfd page a target on this host maps, words
+     * LW_GEN (bumped before the layer files change) and LW_READABLE (1 while the head file
+     * alone holds the volume's data and nothing else would answer a read differently:
+     * one layer, not paused, no fault armed). Created at the first SHARE. */
+    int lfd;
+    uint32_t *lw;
 };
+
+enum { LW_GEN, LW_READABLE };
 
 /* --- connections --------------------------------------------------------------------------- */
 
@@ -1432,6 +1441,35 @@ static int readv_span(const struct rstore *s, const struct reqhdr *h, const uint
     return 1;
 }
 
+/* Whether a target may read the head file itself (see struct rstore, LW_READABLE). */
+static void local_update(struct rstore *s)
+{
+    if (s->lw)
+        __atomic_store_n(&s->lw[LW_READABLE], !s->paused && s->nlayers == 1 && !s->nfaults,
+                         __ATOMIC_RELEASE);
+}
+
+static int local_page(struct rstore *s)
+{
+    if (s->lw)
+        return 0;
+    int fd = memfd_create("tandem-replica-local", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -1;
+    void *m = MAP_FAILED;
+    if (ftruncate(fd, 4096) < 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0 ||
+        (m = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)) == MAP_FAILED) {
+        close(fd);
+        return -1;
+    }
+    s->lfd = fd;
+    s->lw = m;
+    s->lw[LW_GEN] = 1;
+    local_update(s);
+    return 0;
+}
+
 /* SHARE: map the connecting process's shared memory (a target on this host) for this
  * connection. The payload names the memory by the peer's own fd number, opened through
  * /proc/PEER/fd: the peer can only name what it holds, and only a memfd owned by its own
@@ -1489,7 +1527,16 @@ static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
         } else {
             rc->shm = m;
             rc->shm_len = h->length;
-            send_reply(rc->c, h->tag, 0, NULL, 0);
+            /* The answer offers local reads: the head file's and the page's fd numbers (for
+             * /proc/SELF/fd) and the generation they belong to. */
+            uint32_t *a = s->nlayers && local_page(s) == 0 ? malloc(16) : NULL;
+            if (a) {
+                a[0] = (uint32_t)s->fds[s->nlayers - 1];
+                a[1] = (uint32_t)s->lfd;
+                a[2] = __atomic_load_n(&s->lw[LW_GEN], __ATOMIC_RELAXED);
+                a[3] = 0;
+            }
+            send_reply(rc->c, h->tag, 0, a, a ? 16 : 0);
         }
         if (mfd >= 0)
             close(mfd);
@@ -1678,6 +1725,7 @@ static void handle_frame(struct rconn *rc, const struct reqhdr *h, const uint8_t
                 if (--f->remaining == 0) {
                     f->action = TANDEM_FAULT_NONE;
                     s->nfaults--;
+                    local_update(s);
                 }
             }
             switch (action) {
@@ -2070,10 +2118,15 @@ void replica_set_layers(struct engine *e, const int *fds, int n, uint8_t *head, 
     struct rstore *s = e->rs;
     if (!s)
         return;
+    if (s->lw) { /* before the files change: a target's fd may name the old head */
+        __atomic_store_n(&s->lw[LW_READABLE], 0, __ATOMIC_RELEASE);
+        __atomic_add_fetch(&s->lw[LW_GEN], 1, __ATOMIC_RELEASE);
+    }
     memcpy(s->fds, fds, (size_t)n * sizeof(int));
     s->nlayers = n;
     s->head = head;
     s->base = base;
+    local_update(s);
 }
 
 void replica_set_epoch(struct engine *e, uint64_t epoch)
@@ -2095,6 +2148,7 @@ void replica_set_fault(struct engine *e, int slot, int action, double arg, int64
     f->remaining = remaining;
     if (f->action)
         s->nfaults++;
+    local_update(s); /* a fault must meet the target's reads too */
 }
 
 void replica_pause(struct engine *e, uint64_t id)
@@ -2107,6 +2161,7 @@ void replica_pause(struct engine *e, uint64_t id)
     }
     e->rstats.pauses++;
     s->paused = 1;
+    local_update(s);
     s->pause_pending = 1;
     s->pause_id = id;
     check_paused(s);
@@ -2119,6 +2174,7 @@ void replica_resume(struct engine *e)
         return;
     s->paused = 0;
     s->pause_pending = 0;
+    local_update(s);
     order_kick(s);
 }
 
@@ -2130,6 +2186,7 @@ void replica_stop(struct engine *e)
         return;
     s->paused = 1;
     s->pause_pending = 0;
+    local_update(s);
     for (struct list *p = s->active.next; p != &s->active;) {
         struct rop *op = container_of(p, struct rop, alink);
         p = p->next;
@@ -2157,6 +2214,10 @@ void replica_free(struct engine *e)
     free(s->markseq);
     free(s->ibuf);
     free(s->zeros);
+    if (s->lw) {
+        munmap(s->lw, 4096);
+        close(s->lfd);
+    }
     free(s);
     e->rs = NULL;
 }

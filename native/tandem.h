@@ -225,6 +225,7 @@ struct tandem_target_stats {
     uint64_t fe_upcalls[4];        /* ... of them handed to Python */
     uint64_t member_shared;        /* member requests whose data went through shared memory */
     uint64_t shm_leaked;           /* bytes of it never reused: a dropped replica may write it */
+    uint64_t local_reads;          /* reads served from a local replica's head file */
 };
 
 /* The volume: size, quorum base, deadlines (seconds; the bare quorum of RW members gets
@@ -238,10 +239,12 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
 /* Hand over member slot's data connection: a connected socket (blocking mode) that already
  * OPENed the replica with the member's fencing key; mode RW or WO; current: dropping it needs
  * a generation bump (RW members always do); shared: the replica SHAREd the volume's memory
- * on this connection. Replaces the slot's previous connection.
- * TANDEM_EV_DONE id once the member receives writes. */
+ * on this connection. local (or NULL): what SHARE answered, {replica pid, its head file's
+ * fd number, its local-read page's fd number, generation}: the engine then reads that file
+ * itself while the page says so (replica/protocol.py SHARE). Replaces the slot's previous
+ * connection. TANDEM_EV_DONE id once the member receives writes. */
 int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current, int shared,
-                         const char *address, uint64_t id);
+                         const uint32_t *local, const char *address, uint64_t id);
 /* Change a member's mode: RW/WO, or ERR (drop it: close its connection, like a failure).
  * current as above. TANDEM_EV_DONE id. */
 int tandem_member_mode(tandem_engine *e, int slot, int mode, int current, const char *why,

@@ -28,7 +28,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define REQ_MAGIC 0x51444E54u
@@ -178,6 +180,11 @@ struct member {
     uint8_t *map;
     uint64_t map_count, region;
     int track;
+    /* Local reads: the replica's head file, opened read-only, and its page saying whether
+     * the file may be read (replica_server.c, struct rstore) for the generation lgen. */
+    int lfd;
+    const uint32_t *lw;
+    uint32_t lgen;
 };
 
 struct xlock {
@@ -268,6 +275,7 @@ static void fan_out(struct vol *vol, struct vio *v);
 static void fan_done(struct vol *vol, struct vio *v);
 static void msub_send(struct vol *vol, struct vio *v, int slot, uint64_t now);
 static void read_next(struct vol *vol, struct vio *v);
+static void local_close(struct member *m);
 static void member_drop(struct vol *vol, int slot, const char *why);
 static void update_deadlines(struct vol *vol);
 static void locks_changed(struct vol *vol);
@@ -688,6 +696,7 @@ void vio_submit(struct engine *e, struct vio *v)
     v->msg = NULL;
     v->last = NULL;
     v->tries = 0;
+    v->local = 0;
     v->targets = 0;
     list_init(&v->link);
     list_init(&v->slink);
@@ -995,6 +1004,7 @@ static void member_drop2(struct vol *vol, int slot, const char *why, const char 
     int was = m->mode;
     int bump = m->current || was == TANDEM_MODE_RW;
     m->mode = TANDEM_MODE_ERR;
+    local_close(m);
     m->current = 0;
     if (was == TANDEM_MODE_RW && m->map) {
         /* it was complete: from now on the map says exactly what it misses */
@@ -1164,6 +1174,83 @@ static void fan_done(struct vol *vol, struct vio *v)
     mutation_done(vol, v);
 }
 
+/* --- local reads ----------------------------------------------------------------------------
+ * A replica on this host offers, in SHARE's answer, its head file and a page of two words:
+ * a generation, bumped before its layer files change, and "readable", 1 while that file
+ * alone holds the volume (one layer, not paused, no fault armed). While both say so, a read
+ * picked for the member is a pread of the file here: the replica's hop (two wakeups and a
+ * copy through the pool) is skipped. It sees every acknowledged write: the replica wrote it
+ * to the page cache (or punched the hole) before answering. Any failure falls back to asking
+ * the replica. Only small reads: a large one is mostly its copy, and the replica's thread
+ * doing it beside ours (two cores) is faster (1 MiB reads 0.7-0.9x as fast done here). */
+#define LOCAL_MAX (64u << 10)
+
+static void local_close(struct member *m)
+{
+    if (!m->lw)
+        return;
+    munmap((void *)m->lw, 4096);
+    close(m->lfd);
+    m->lw = NULL;
+    m->lfd = -1;
+}
+
+static int proc_fd(uint32_t pid, uint32_t num)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%u/fd/%u", pid, num);
+    return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+/* As the replica checks our pool (replica_server.c share): the page must be a memfd of our
+ * user sealed against shrinking, so mapping it cannot SIGBUS; the file a regular file
+ * holding the whole volume. Otherwise no local reads, silently: the socket path works. */
+static void local_open(struct vol *vol, struct member *m, const uint32_t *li)
+{
+    local_close(m);
+    if (!li || !li[0])
+        return;
+    int fd = proc_fd(li[0], li[1]), pfd = proc_fd(li[0], li[2]);
+    char path[64], link[64] = "";
+    snprintf(path, sizeof(path), "/proc/%u/fd/%u", li[0], li[2]);
+    ssize_t ln = readlink(path, link, sizeof(link) - 1);
+    struct stat fs, ps;
+    void *w = MAP_FAILED;
+    if (fd >= 0 && pfd >= 0 && ln > 7 && !strncmp(link, "/memfd:", 7) && fstat(fd, &fs) == 0 &&
+        S_ISREG(fs.st_mode) && (uint64_t)fs.st_size >= vol->size && fstat(pfd, &ps) == 0 &&
+        ps.st_uid == geteuid() && ps.st_size >= 4096 &&
+        (fcntl(pfd, F_GET_SEALS) & F_SEAL_SHRINK) &&
+        (w = mmap(NULL, 4096, PROT_READ, MAP_SHARED, pfd, 0)) != MAP_FAILED) {
+        m->lfd = fd;
+        m->lw = w;
+        m->lgen = li[3];
+        fd = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    if (pfd >= 0)
+        close(pfd);
+}
+
+static int local_ok(const struct member *m)
+{
+    return m->lw && __atomic_load_n(&m->lw[1], __ATOMIC_ACQUIRE) == 1 &&
+           __atomic_load_n(&m->lw[0], __ATOMIC_ACQUIRE) == m->lgen;
+}
+
+static void local_done(struct engine *e, struct io *io, int res)
+{
+    struct vio *v = container_of(io, struct vio, dio);
+    struct vol *vol = e->vol;
+    if (res == (int)v->length) {
+        vol->st->local_reads++;
+        vio_finish(vol, v);
+        return;
+    }
+    v->tries--; /* not the member's failure: ask it (or another) through the socket */
+    read_next(vol, v);
+}
+
 static void read_next(struct vol *vol, struct vio *v)
 {
     int n = 0;
@@ -1171,7 +1258,14 @@ static void read_next(struct vol *vol, struct vio *v)
         n += vol->m[i].used;
     while (v->tries < n) {
         int pick = -1;
-        for (int k = 1; k <= MAX_MEMBERS; k++) {
+        for (int i = 0; i < MAX_MEMBERS && !v->local && v->length <= LOCAL_MAX; i++) {
+            struct member *m = &vol->m[i];
+            if (m->used && m->mode == TANDEM_MODE_RW && m->mc && !m->mc->dead && local_ok(m)) {
+                pick = i;
+                break;
+            }
+        }
+        for (int k = 1; k <= MAX_MEMBERS && pick < 0; k++) {
             int i = (int)((vol->rr + (unsigned)k) % MAX_MEMBERS);
             struct member *m = &vol->m[i];
             if (m->used && m->mode == TANDEM_MODE_RW && m->mc && !m->mc->dead) {
@@ -1181,7 +1275,6 @@ static void read_next(struct vol *vol, struct vio *v)
         }
         if (pick < 0)
             break;
-        vol->rr = (unsigned)pick;
         v->tries++;
         if (v->buf->refs > 1 || v->buf->poisoned) {
             /* a dropped connection (or replica) may still be receiving into it: use another */
@@ -1192,6 +1285,14 @@ static void read_next(struct vol *vol, struct vio *v)
                 return;
             }
         }
+        if (!v->local && v->length <= LOCAL_MAX && local_ok(&vol->m[pick])) {
+            v->local = 1;
+            v->dio.done = local_done;
+            io_uring_prep_read(eng_sqe(vol->e, &v->dio, 1), vol->m[pick].lfd, v->buf->data,
+                               v->length, v->offset);
+            return;
+        }
+        vol->rr = (unsigned)pick;
         v->targets = 1u << pick;
         v->ntargets = 1;
         v->npend = 1;
@@ -1486,7 +1587,7 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
 }
 
 void target_attach(struct engine *e, int slot, int fd, int mode, int current, int shared,
-                   const char *address, uint64_t id)
+                   const uint32_t *local, const char *address, uint64_t id)
 {
     struct vol *vol = vol_get(e, slot);
     struct mconn *mc = vol && !e->stopping ? calloc(1, sizeof(*mc)) : NULL;
@@ -1506,6 +1607,7 @@ void target_attach(struct engine *e, int slot, int fd, int mode, int current, in
     }
     m->used = 1;
     m->shared = shared && vol->pool;
+    local_open(vol, m, m->shared ? local : NULL);
     snprintf(m->addr, sizeof(m->addr), "%s", address ? address : "?");
     m->gen++;
     mc->c = c;
@@ -1717,6 +1819,7 @@ void target_stop(struct engine *e)
             m->mc = NULL;
             mconn_kill(mc, "closed");
         }
+        local_close(m);
         m->map = NULL;
         m->track = 0;
     }

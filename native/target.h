@@ -62,6 +62,7 @@ struct vio {
     int npend;  /* member requests outstanding */
     int ntargets;
     int tries;  /* reads: members tried */
+    int local;  /* reads: tried a local replica's file */
     uint64_t t0_ns;
     uint32_t targets; /* member slots the request went to */
     int res[MAX_MEMBERS];
@@ -100,7 +101,7 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
                  double timeout, double timeout_last, const char *name, int shm_fd,
                  uint64_t shm_size);
 void target_attach(struct engine *e, int slot, int fd, int mode, int current, int shared,
-                   const char *address, uint64_t id);
+                   const uint32_t *local, const char *address, uint64_t id);
 void target_mode(struct engine *e, int slot, int mode, int current, const char *why,
                  uint64_t id);
 void target_map(struct engine *e, int slot, uint8_t *map, uint64_t count, uint64_t region,

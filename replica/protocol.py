@@ -50,7 +50,13 @@ then a u64 offset in that memory where the data is (WRITE, `length` bytes) or is
 (READ; the response then carries no data). Payloads then cross no socket: the target
 receives an initiator's data into that memory and sends the initiator's reads from it. The
 native engine serves SHARE; the pure-Python server answers ENOTSUP, and the target then sends
-data through the socket as before.
+data through the socket as before. The native engine's answer carries 16 bytes, an offer of
+local reads: u32 fd numbers (in the replica's process) of its head layer file and of a page
+(a sealed 4 KiB memfd), u32 the generation the file belongs to, u32 0. The page holds two
+u32: the generation, bumped before the layer files change, and "readable", 1 while the head
+file alone answers a read as the replica would (one layer, not paused, no fault armed).
+While the page says readable and that generation, the target may pread the file (through
+/proc/PID/fd) instead of asking; every acknowledged write is in it by then.
 
 Data ops (WRITE, FLUSH, UNMAP, WRITE_ZEROES, SET_GENERATION, SNAPSHOT) are accepted only on
 a connection that sent OPEN with the replica's current epoch; after a newer target opens the

@@ -70,6 +70,8 @@ class NativeMember(Member):
         self.slot = slot
         self.data_sock: socket.socket | None = None  # opened, not handed over yet
         self.data_shared = False  # data_sock's replica SHAREd the volume's memory
+        # ... and offered local reads: (its pid, head file fd, page fd, generation)
+        self.data_local: tuple[int, int, int, int] | None = None
         self.attaching: asyncio.Future[None] | None = None  # the last hand-over
         self.gen = 0  # data connections handed over (the engine's count too)
         super().__init__(address)
@@ -127,11 +129,13 @@ async def open_data_socket(
     timeout: float,
     route: str | None = None,
     share_fd: int | None = None,
-) -> tuple[socket.socket, bool]:
+) -> tuple[socket.socket, bool, tuple[int, int, int, int] | None]:
     """A data connection to a replica (through the unix socket `route` when given):
     connected, INFO'd (the same replica as the control connection), OPENed with the
     member's fencing key; in blocking mode for the engine. Over a unix socket the replica is
-    also asked to SHARE the memfd `share_fd` (SHM_SIZE bytes); the flag says it did."""
+    also asked to SHARE the memfd `share_fd` (SHM_SIZE bytes); the flag says it did, and
+    the last item is its offer of local reads (its pid from the socket, then SHARE's answer:
+    head file fd, page fd, generation) or None."""
     loop = asyncio.get_running_loop()
     host, port = parse_address(address)
     addr: Any = route
@@ -173,8 +177,13 @@ async def open_data_socket(
         shared = share and answers[3].status == 0
         if share and not shared:
             log.info("replica %s: data through its socket (%s)", address, answers[3].message)
+        local = None
+        if shared and len(answers[3].payload) == 16:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            head, page, gen, _ = struct.unpack("<4I", answers[3].payload)
+            local = (pid, head, page, gen)
         sock.setblocking(True)  # io_uring polls for it; O_NONBLOCK would return EAGAIN
-        return sock, shared
+        return sock, shared, local
     except BaseException as e:
         sock.close()
         if isinstance(e, (OSError, TimeoutError, p.ProtocolError)) and not isinstance(
@@ -292,7 +301,13 @@ class NativeReplicator(Replicator):
             m.gen += 1
             m.attaching = self._cmd(
                 self.engine.member_attach(
-                    m.slot, sock.detach(), _MODES[mode], mode == Mode.RW, m.data_shared, m.address
+                    m.slot,
+                    sock.detach(),
+                    _MODES[mode],
+                    mode == Mode.RW,
+                    m.data_shared,
+                    m.address,
+                    m.data_local,
                 )
             )
         else:
@@ -303,7 +318,7 @@ class NativeReplicator(Replicator):
         await super()._open(m)
         m.close_data()
         route = m.client.route if m.client is not None else None
-        m.data_sock, m.data_shared = await open_data_socket(
+        m.data_sock, m.data_shared, m.data_local = await open_data_socket(
             m.address, m.key, m.uuid, self.timeout, route, self._shm_fd
         )
 

@@ -215,9 +215,16 @@ class NativeMetrics:
                 labels=["volume"],
             )
             leaked.add_metric([self.volume], st["shm_leaked"])
+            local = CounterMetricFamily(
+                "tandem_engine_local_reads",
+                "Reads served from the head file of a replica on this host, not through it",
+                labels=["volume"],
+            )
+            local.add_metric([self.volume], st["local_reads"])
             yield members
             yield shared
             yield leaked
+            yield local
             yield from poll_families("tandem_engine", self.volume, self.engine.poll_stats())
 
     def stats(self) -> dict[str, Any]:

@@ -184,6 +184,7 @@ class Volume:
                 "requests": st["member_requests"],
                 "shared": st["member_shared"],
                 "leaked_bytes": st["shm_leaked"],
+                "local_reads": st["local_reads"],
             },
             "poll": self.engine.poll_stats(),
         }

@@ -133,9 +133,11 @@ class Cluster:
         timeout: float = 2.0,
         env: dict[str, str] | None = None,
         sockets: frozenset[int] = frozenset(),
+        replica_args: tuple[str, ...] = (),
     ) -> None:
         self.base, self.size, self.volume, self.timeout = base, size, volume, timeout
         self.env = env
+        self.replica_args = replica_args
         self.sockets = sockets  # replicas that also serve a unix socket (the target uses it)
         self.log_dir = base / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +166,7 @@ class Cluster:
                 "--api",
                 f"{HOST}:{api}",
                 *(["--socket", str(self.socket_path(i))] if i in self.sockets else []),
+                *self.replica_args,
             ],
             self.log_dir,
             self.env,

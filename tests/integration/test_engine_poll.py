@@ -55,15 +55,16 @@ def one_at_a_time(uri: str, n: int) -> None:
 
 
 def thirty_two_at_a_time(uri: str, n: int) -> None:
-    """n reads with 32 in flight all along."""
+    """n writes with 32 in flight all along (writes: a read the target serves from the
+    replica's file itself, at once, and this client cannot keep 32 of those in flight)."""
     h = nbd.NBD()
     h.connect_uri(uri)
     try:
-        bufs = [nbd.Buffer(BLOCK) for _ in range(32)]
+        bufs = [nbd.Buffer.from_bytearray(bytearray(os.urandom(BLOCK))) for _ in range(32)]
         issued = 0
         while issued < n or h.aio_in_flight():
             while issued < n and h.aio_in_flight() < 32:
-                h.aio_pread(bufs[issued % 32], (issued % 1024) * BLOCK)
+                h.aio_pwrite(bufs[issued % 32], (issued % 1024) * BLOCK)
                 issued += 1
             h.poll(-1)
     finally:
