@@ -152,11 +152,14 @@ struct rstore {
     struct tandem_replica_stats *st;
 
     /* Local reads (SHARE's answer): a sealed memfd page a target on this host maps, words
-     * LW_GEN (bumped before the layer files change) and LW_READABLE (1 while the head file
-     * alone holds the volume's data and nothing else would answer a read differently:
-     * one layer, not paused, no fault armed). Created at the first SHARE. */
+     * LW_GEN (bumped when the engine is handed another head file or layer count) and
+     * LW_READABLE (1 while the head file alone holds the volume's data and nothing else
+     * would answer a read differently: one layer, not paused, no fault armed; files change
+     * only while paused). Created at the first SHARE. */
     int lfd;
     uint32_t *lw;
+    dev_t hdev; /* the head file the generation belongs to */
+    ino_t hino;
 };
 
 enum { LW_GEN, LW_READABLE };
@@ -1504,6 +1507,7 @@ static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
         int memfd = ln > 7 && !strncmp(link, "/memfd:", 7); /* not a file with a name */
         int mfd = memfd ? open(path, O_RDWR | O_CLOEXEC) : -1;
         struct stat st;
+        int seals = -1; /* -1 (a file that cannot be sealed) must not pass as "all seals" */
         void *m = MAP_FAILED;
         if (ln < 0) {
             send_error(rc, h->tag, EINVAL, "cannot open the shared memory: %s", strerror(errno));
@@ -1512,8 +1516,8 @@ static void share(struct rconn *rc, const struct reqhdr *h, const uint8_t *p)
         } else if (mfd < 0) {
             send_error(rc, h->tag, EINVAL, "cannot open the shared memory: %s", strerror(errno));
         } else if (fstat(mfd, &st) < 0 || st.st_uid != cr.uid ||
-                   (fcntl(mfd, F_GET_SEALS) & (F_SEAL_SHRINK | F_SEAL_GROW)) !=
-                       (F_SEAL_SHRINK | F_SEAL_GROW)) {
+                   (seals = fcntl(mfd, F_GET_SEALS)) < 0 ||
+                   (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
             /* checked on the file opened (the peer may have swapped its fd since readlink):
              * only a memfd created sealable can carry these seals, and sealed against
              * shrinking no holder can cut the mapping short (a SIGBUS here) */
@@ -2118,9 +2122,22 @@ void replica_set_layers(struct engine *e, const int *fds, int n, uint8_t *head, 
     struct rstore *s = e->rs;
     if (!s)
         return;
-    if (s->lw) { /* before the files change: a target's fd may name the old head */
-        __atomic_store_n(&s->lw[LW_READABLE], 0, __ATOMIC_RELEASE);
-        __atomic_add_fetch(&s->lw[LW_GEN], 1, __ATOMIC_RELEASE);
+    /* Another head file (or chain): a target's fd names the old head, so its generation
+     * ends. The same head (a resync, a resize) keeps it: its reads stay local. */
+    struct stat st;
+    int same = n == s->nlayers && n > 0 && fstat(fds[n - 1], &st) == 0 &&
+               st.st_dev == s->hdev && st.st_ino == s->hino;
+    if (!same) {
+        if (s->lw) {
+            __atomic_store_n(&s->lw[LW_READABLE], 0, __ATOMIC_RELEASE);
+            __atomic_add_fetch(&s->lw[LW_GEN], 1, __ATOMIC_RELEASE);
+        }
+        s->hdev = 0;
+        s->hino = 0;
+        if (n > 0 && fstat(fds[n - 1], &st) == 0) {
+            s->hdev = st.st_dev;
+            s->hino = st.st_ino;
+        }
     }
     memcpy(s->fds, fds, (size_t)n * sizeof(int));
     s->nlayers = n;

@@ -180,11 +180,7 @@ struct member {
     uint8_t *map;
     uint64_t map_count, region;
     int track;
-    /* Local reads: the replica's head file, opened read-only, and its page saying whether
-     * the file may be read (replica_server.c, struct rstore) for the generation lgen. */
-    int lfd;
-    const uint32_t *lw;
-    uint32_t lgen;
+    struct lfile *lf; /* local reads: the replica's head file and page, or NULL */
 };
 
 struct xlock {
@@ -276,6 +272,7 @@ static void fan_done(struct vol *vol, struct vio *v);
 static void msub_send(struct vol *vol, struct vio *v, int slot, uint64_t now);
 static void read_next(struct vol *vol, struct vio *v);
 static void local_close(struct member *m);
+static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
 static void member_drop(struct vol *vol, int slot, const char *why);
 static void update_deadlines(struct vol *vol);
 static void locks_changed(struct vol *vol);
@@ -1176,23 +1173,48 @@ static void fan_done(struct vol *vol, struct vio *v)
 
 /* --- local reads ----------------------------------------------------------------------------
  * A replica on this host offers, in SHARE's answer, its head file and a page of two words:
- * a generation, bumped before its layer files change, and "readable", 1 while that file
- * alone holds the volume (one layer, not paused, no fault armed). While both say so, a read
- * picked for the member is a pread of the file here: the replica's hop (two wakeups and a
- * copy through the pool) is skipped. It sees every acknowledged write: the replica wrote it
- * to the page cache (or punched the hole) before answering. Any failure falls back to asking
- * the replica. Only small reads: a large one is mostly its copy, and the replica's thread
- * doing it beside ours (two cores) is faster (1 MiB reads 0.7-0.9x as fast done here). */
+ * a generation, bumped when its head file changes, and "readable", 1 while that file alone
+ * holds the volume (one layer, not paused, no fault armed). While both say so, a read picked
+ * for the member is a pread of the file here: the replica's hop (two wakeups and a copy
+ * through the pool) is skipped. It sees every acknowledged write: the replica wrote it to
+ * the page cache (or punched the hole) before answering. A failed or short read, or one
+ * not done within the member's deadline, asks the replica (or another) instead. Only small
+ * reads: a large one is mostly its copy, and the replica's thread doing it beside ours (two
+ * cores) is faster (1 MiB reads 0.7-0.9x as fast done here). */
 #define LOCAL_MAX (64u << 10)
+
+/* The file and page, kept open while a read of them is in flight (the fd number must not be
+ * reused by another member's file before the kernel has taken it). */
+struct lfile {
+    int refs, fd;
+    const uint32_t *w; /* [0] generation, [1] readable */
+    uint32_t gen;
+};
+
+/* One local read: its own io and reference to the buffer, so a read given up at its
+ * deadline may still complete into memory nobody else uses. */
+struct lread {
+    struct io io;
+    struct timer dl;
+    struct vio *v; /* NULL once given up */
+    struct vol *vol;
+    struct lfile *lf;
+    struct vbuf *buf;
+};
+
+static void lfile_put(struct lfile *lf)
+{
+    if (!lf || --lf->refs)
+        return;
+    munmap((void *)lf->w, 4096);
+    close(lf->fd);
+    free(lf);
+}
 
 static void local_close(struct member *m)
 {
-    if (!m->lw)
-        return;
-    munmap((void *)m->lw, 4096);
-    close(m->lfd);
-    m->lw = NULL;
-    m->lfd = -1;
+    lfile_put(m->lf);
+    m->lf = NULL;
 }
 
 static int proc_fd(uint32_t pid, uint32_t num)
@@ -1212,20 +1234,26 @@ static void local_open(struct vol *vol, struct member *m, const uint32_t *li)
         return;
     int fd = proc_fd(li[0], li[1]), pfd = proc_fd(li[0], li[2]);
     char path[64], link[64] = "";
-    snprintf(path, sizeof(path), "/proc/%u/fd/%u", li[0], li[2]);
-    ssize_t ln = readlink(path, link, sizeof(link) - 1);
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", pfd);
+    ssize_t ln = pfd >= 0 ? readlink(path, link, sizeof(link) - 1) : -1;
     struct stat fs, ps;
+    int seals = pfd >= 0 ? fcntl(pfd, F_GET_SEALS) : -1;
     void *w = MAP_FAILED;
-    if (fd >= 0 && pfd >= 0 && ln > 7 && !strncmp(link, "/memfd:", 7) && fstat(fd, &fs) == 0 &&
+    struct lfile *lf = NULL;
+    if (fd >= 0 && ln > 7 && !strncmp(link, "/memfd:", 7) && fstat(fd, &fs) == 0 &&
         S_ISREG(fs.st_mode) && (uint64_t)fs.st_size >= vol->size && fstat(pfd, &ps) == 0 &&
-        ps.st_uid == geteuid() && ps.st_size >= 4096 &&
-        (fcntl(pfd, F_GET_SEALS) & F_SEAL_SHRINK) &&
+        ps.st_uid == geteuid() && ps.st_size >= 4096 && seals >= 0 && (seals & F_SEAL_SHRINK) &&
+        (lf = calloc(1, sizeof(*lf))) &&
         (w = mmap(NULL, 4096, PROT_READ, MAP_SHARED, pfd, 0)) != MAP_FAILED) {
-        m->lfd = fd;
-        m->lw = w;
-        m->lgen = li[3];
+        lf->refs = 1;
+        lf->fd = fd;
+        lf->w = w;
+        lf->gen = li[3];
+        m->lf = lf;
         fd = -1;
+        lf = NULL;
     }
+    free(lf);
     if (fd >= 0)
         close(fd);
     if (pfd >= 0)
@@ -1234,21 +1262,70 @@ static void local_open(struct vol *vol, struct member *m, const uint32_t *li)
 
 static int local_ok(const struct member *m)
 {
-    return m->lw && __atomic_load_n(&m->lw[1], __ATOMIC_ACQUIRE) == 1 &&
-           __atomic_load_n(&m->lw[0], __ATOMIC_ACQUIRE) == m->lgen;
+    const struct lfile *lf = m->lf;
+    return lf && __atomic_load_n(&lf->w[1], __ATOMIC_ACQUIRE) == 1 &&
+           __atomic_load_n(&lf->w[0], __ATOMIC_ACQUIRE) == lf->gen;
+}
+
+/* Ask the replica after all: the local read's buffer is still referenced (by the lread while
+ * it is in flight), so read_next takes a fresh one. */
+static void local_fallback(struct vol *vol, struct vio *v, const char *why)
+{
+    free(v->last);
+    v->last = fmt("%s", why);
+    v->tries--; /* not the member's failure */
+    read_next(vol, v);
 }
 
 static void local_done(struct engine *e, struct io *io, int res)
 {
-    struct vio *v = container_of(io, struct vio, dio);
-    struct vol *vol = e->vol;
+    (void)e;
+    struct lread *lr = container_of(io, struct lread, io);
+    struct vio *v = lr->v;
+    struct vol *vol = lr->vol;
+    timer_cancel(&lr->dl);
+    lfile_put(lr->lf);
+    vbuf_put(lr->buf);
+    free(lr);
+    if (!v)
+        return; /* given up at its deadline */
     if (res == (int)v->length) {
         vol->st->local_reads++;
         vio_finish(vol, v);
-        return;
+    } else {
+        local_fallback(vol, v, res < 0 ? "local read failed" : "local read short");
     }
-    v->tries--; /* not the member's failure: ask it (or another) through the socket */
-    read_next(vol, v);
+}
+
+static void local_deadline(struct engine *e, struct timer *t)
+{
+    (void)e;
+    struct lread *lr = container_of(t, struct lread, dl);
+    struct vio *v = lr->v;
+    lr->v = NULL;
+    local_fallback(lr->vol, v, "local read timed out");
+}
+
+static int local_read(struct vol *vol, struct vio *v, struct member *m)
+{
+    struct lread *lr = malloc(sizeof(*lr));
+    if (!lr)
+        return -1;
+    lr->io.done = local_done;
+    list_init(&lr->dl.link);
+    lr->dl.armed = 0;
+    lr->dl.fn = local_deadline;
+    lr->v = v;
+    lr->vol = vol;
+    lr->lf = m->lf;
+    lr->lf->refs++;
+    lr->buf = v->buf;
+    lr->buf->refs++;
+    v->local = 1;
+    timer_arm(vol->e, &lr->dl, (uint64_t)(vol->timeout * 1e9));
+    io_uring_prep_read(eng_sqe(vol->e, &lr->io, 1), lr->lf->fd, lr->buf->data, v->length,
+                       v->offset);
+    return 0;
 }
 
 static void read_next(struct vol *vol, struct vio *v)
@@ -1285,13 +1362,9 @@ static void read_next(struct vol *vol, struct vio *v)
                 return;
             }
         }
-        if (!v->local && v->length <= LOCAL_MAX && local_ok(&vol->m[pick])) {
-            v->local = 1;
-            v->dio.done = local_done;
-            io_uring_prep_read(eng_sqe(vol->e, &v->dio, 1), vol->m[pick].lfd, v->buf->data,
-                               v->length, v->offset);
+        if (!v->local && v->length <= LOCAL_MAX && local_ok(&vol->m[pick]) &&
+            local_read(vol, v, &vol->m[pick]) == 0)
             return;
-        }
         vol->rr = (unsigned)pick;
         v->targets = 1u << pick;
         v->ntargets = 1;
@@ -1665,6 +1738,7 @@ void target_map(struct engine *e, int slot, uint8_t *map, uint64_t count, uint64
             m->mc = NULL;
             mconn_kill(mc, "closed");
         }
+        local_close(m);
         memset(m, 0, sizeof(*m));
         update_deadlines(vol);
         eng_done(e, id, 0);

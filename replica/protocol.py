@@ -53,8 +53,9 @@ native engine serves SHARE; the pure-Python server answers ENOTSUP, and the targ
 data through the socket as before. The native engine's answer carries 16 bytes, an offer of
 local reads: u32 fd numbers (in the replica's process) of its head layer file and of a page
 (a sealed 4 KiB memfd), u32 the generation the file belongs to, u32 0. The page holds two
-u32: the generation, bumped before the layer files change, and "readable", 1 while the head
-file alone answers a read as the replica would (one layer, not paused, no fault armed).
+u32: the generation, bumped when the head file or the layer count changes, and "readable",
+1 while the head file alone answers a read as the replica would (one layer, not paused, no
+fault armed; layer files change only while paused).
 While the page says readable and that generation, the target may pread the file (through
 /proc/PID/fd) instead of asking; every acknowledged write is in it by then.
 

@@ -142,22 +142,39 @@ def test_an_armed_fault_sends_reads_through_the_replica(cluster: Cluster) -> Non
         h.shutdown()
 
 
-def test_reads_go_on_from_the_other_replica_when_the_local_one_dies(tmp_path: Path) -> None:
-    c = Cluster(tmp_path, replicas=2, sockets=frozenset({0, 1}))
+def test_reads_go_on_locally_from_the_other_replica_and_from_a_rebuilt_one(
+    tmp_path: Path,
+) -> None:
+    # Replica 2 over TCP: no local reads from it, and the write quorum of 2 with one lost.
+    c = Cluster(tmp_path, replicas=3, sockets=frozenset({0, 1}))
     try:
         c.start()
-        c.wait_modes(["RW", "RW"])
+        c.wait_modes(["RW", "RW", "RW"])
         h = nbd.NBD()
         h.connect_uri(c.uri)
         try:
             data = os.urandom(64 * KiB)
             h.pwrite(data, 0)
-            assert h.pread(64 * KiB, 0) == data
             c.replicas[0].kill9()
-            for _ in range(50):
+            local0 = local_reads(c)
+            for _ in range(20):
                 assert h.pread(64 * KiB, 0) == data
-            c.wait_modes(["ERR", "RW"])
+            c.wait_modes(["ERR", "RW", "RW"])
             assert h.pread(64 * KiB, 0) == data
+            assert local_reads(c) > local0  # from replica 1's file
+            # Replica 0 comes back and is rebuilt (paused for it, its head file the same):
+            # with replica 1 gone, its file serves the reads.
+            more = os.urandom(64 * KiB)
+            h.pwrite(more, 64 * KiB)
+            c.start_replica(0)
+            c.wait_modes(["RW", "RW", "RW"])
+            c.replicas[1].kill9()
+            assert h.pread(64 * KiB, 64 * KiB) == more  # the target notices replica 1 gone
+            c.wait_modes(["RW", "ERR", "RW"])
+            local1 = local_reads(c)
+            for off in (0, 64 * KiB):
+                assert h.pread(64 * KiB, off) == (data if off == 0 else more)
+            assert local_reads(c) == local1 + 2
         finally:
             h.shutdown()
     finally:
