@@ -1198,6 +1198,7 @@ struct lread {
     struct timer dl;
     struct vio *v; /* NULL once given up */
     struct vol *vol;
+    int slot;
     struct lfile *lf;
     struct vbuf *buf;
 };
@@ -1221,7 +1222,14 @@ static int proc_fd(uint32_t pid, uint32_t num)
 {
     char path[64];
     snprintf(path, sizeof(path), "/proc/%u/fd/%u", pid, num);
-    return open(path, O_RDONLY | O_CLOEXEC);
+    /* non-blocking: the number may name a FIFO by now (checked after); then blocking again,
+     * as io_uring returns EAGAIN instead of reading a file opened O_NONBLOCK */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0 && fcntl(fd, F_SETFL, 0) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 /* As the replica checks our pool (replica_server.c share): the page must be a memfd of our
@@ -1293,7 +1301,9 @@ static void local_done(struct engine *e, struct io *io, int res)
         vol->st->local_reads++;
         vio_finish(vol, v);
     } else {
-        local_fallback(vol, v, res < 0 ? "local read failed" : "local read short");
+        char why[96];
+        snprintf(why, sizeof(why), "local read %s", res < 0 ? strerror(-res) : "short");
+        local_fallback(vol, v, why);
     }
 }
 
@@ -1302,12 +1312,17 @@ static void local_deadline(struct engine *e, struct timer *t)
     (void)e;
     struct lread *lr = container_of(t, struct lread, dl);
     struct vio *v = lr->v;
+    struct member *m = &lr->vol->m[lr->slot];
     lr->v = NULL;
+    if (m->lf == lr->lf)
+        local_close(m); /* its disk is slow or stuck: the member's reads go to it, with its
+                         * deadline, until it is attached again */
     local_fallback(lr->vol, v, "local read timed out");
 }
 
-static int local_read(struct vol *vol, struct vio *v, struct member *m)
+static int local_read(struct vol *vol, struct vio *v, int slot)
 {
+    struct member *m = &vol->m[slot];
     struct lread *lr = malloc(sizeof(*lr));
     if (!lr)
         return -1;
@@ -1317,6 +1332,7 @@ static int local_read(struct vol *vol, struct vio *v, struct member *m)
     lr->dl.fn = local_deadline;
     lr->v = v;
     lr->vol = vol;
+    lr->slot = slot;
     lr->lf = m->lf;
     lr->lf->refs++;
     lr->buf = v->buf;
@@ -1363,7 +1379,7 @@ static void read_next(struct vol *vol, struct vio *v)
             }
         }
         if (!v->local && v->length <= LOCAL_MAX && local_ok(&vol->m[pick]) &&
-            local_read(vol, v, &vol->m[pick]) == 0)
+            local_read(vol, v, pick) == 0)
             return;
         vol->rr = (unsigned)pick;
         v->targets = 1u << pick;
