@@ -337,7 +337,7 @@ static void setup_member(tandem_engine *e)
     int fl = fcntl(sv[0], F_GETFL);
     if (fl < 0 || fcntl(sv[0], F_SETFL, fl & ~O_NONBLOCK))
         fz_die("blocking mode: %s", strerror(errno));
-    if (tandem_member_attach(e, 0, sv[0], TANDEM_MODE_RW, 1, 0, "in-process-replica", 1))
+    if (tandem_member_attach(e, 0, sv[0], TANDEM_MODE_RW, 1, 0, NULL, "in-process-replica", 1))
         fz_die("tandem_member_attach failed");
 }
 
