@@ -366,7 +366,7 @@ static struct sub *sub_new(struct rop *op, int type, size_t extra)
 #define WRITE_PIECE (64u << 10)
 
 #ifndef __NR_cachestat
-#define __NR_cachestat 451 /* Linux 6.5; the same number on every architecture */
+#define __NR_cachestat 451 /* Linux 6.5; x86-64 and the generic syscall table */
 #endif
 struct cachestat_range {
     uint64_t off, len;
@@ -2125,19 +2125,14 @@ void replica_set_layers(struct engine *e, const int *fds, int n, uint8_t *head, 
     /* Another head file (or chain): a target's fd names the old head, so its generation
      * ends. The same head (a resync, a resize) keeps it: its reads stay local. */
     struct stat st;
-    int same = n == s->nlayers && n > 0 && fstat(fds[n - 1], &st) == 0 &&
-               st.st_dev == s->hdev && st.st_ino == s->hino;
-    if (!same) {
+    int known = n > 0 && fstat(fds[n - 1], &st) == 0;
+    if (!known || n != s->nlayers || st.st_dev != s->hdev || st.st_ino != s->hino) {
         if (s->lw) {
             __atomic_store_n(&s->lw[LW_READABLE], 0, __ATOMIC_RELEASE);
             __atomic_add_fetch(&s->lw[LW_GEN], 1, __ATOMIC_RELEASE);
         }
-        s->hdev = 0;
-        s->hino = 0;
-        if (n > 0 && fstat(fds[n - 1], &st) == 0) {
-            s->hdev = st.st_dev;
-            s->hino = st.st_ino;
-        }
+        s->hdev = known ? st.st_dev : 0;
+        s->hino = known ? st.st_ino : 0;
     }
     memcpy(s->fds, fds, (size_t)n * sizeof(int));
     s->nlayers = n;

@@ -101,8 +101,8 @@ struct tandem_replica_stats {
 
 /* Polling: after a completion the engine thread polls its ring for up to this long before
  * it sleeps, while requests come about one at a time (queue depth 1; see poll_ring in
- * engine.c for how that is judged). Cuts a wakeup (several us on a VM) from each request at the cost of that
- * CPU. 0 (the default) never polls. Thread-safe, takes effect at once. */
+ * engine.c for how that is judged). Cuts a wakeup (several us on a VM) from each request at
+ * the cost of that CPU. 0 (the default) never polls. Thread-safe, takes effect at once. */
 struct tandem_poll_stats {
     uint64_t hits;   /* polls that found work */
     uint64_t misses; /* polls that gave up and slept */

@@ -25,10 +25,10 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -1275,8 +1275,8 @@ static int local_ok(const struct member *m)
            __atomic_load_n(&lf->w[0], __ATOMIC_ACQUIRE) == lf->gen;
 }
 
-/* Ask the replica after all: the local read's buffer is still referenced (by the lread while
- * it is in flight), so read_next takes a fresh one. */
+/* Ask the replica after all. After a deadline the late pread still holds the buffer, so
+ * read_next takes a fresh one (it does whenever the buffer has another reference). */
 static void local_fallback(struct vol *vol, struct vio *v, const char *why)
 {
     free(v->last);
@@ -1350,11 +1350,12 @@ static void read_next(struct vol *vol, struct vio *v)
     for (int i = 0; i < MAX_MEMBERS; i++)
         n += vol->m[i].used;
     while (v->tries < n) {
-        int pick = -1;
+        int pick = -1, local = 0; /* a member whose file is read here, first */
         for (int i = 0; i < MAX_MEMBERS && !v->local && v->length <= LOCAL_MAX; i++) {
             struct member *m = &vol->m[i];
             if (m->used && m->mode == TANDEM_MODE_RW && m->mc && !m->mc->dead && local_ok(m)) {
                 pick = i;
+                local = 1;
                 break;
             }
         }
@@ -1378,8 +1379,7 @@ static void read_next(struct vol *vol, struct vio *v)
                 return;
             }
         }
-        if (!v->local && v->length <= LOCAL_MAX && local_ok(&vol->m[pick]) &&
-            local_read(vol, v, pick) == 0)
+        if (local && local_read(vol, v, pick) == 0)
             return;
         vol->rr = (unsigned)pick;
         v->targets = 1u << pick;

@@ -52,7 +52,8 @@ def volume_phase(
     if status.get("starting"):
         return VolumePhase("Pending", "the target is selecting its current replicas")
     members = status.get("replicas", [])
-    placed = {(reports.get(r.id) or {}).get("addresses", {}).get("data") for r in replicas}
+    where = {(reports.get(r.id) or {}).get("addresses", {}).get("data"): r.node for r in replicas}
+    placed = set(where)  # the data addresses of the replicas placed
     rw = sum(1 for m in members if m["mode"] == "RW" and m["address"] in placed)
     wo = [m for m in members if m["mode"] == "WO"]
     if status.get("readonly"):
@@ -71,7 +72,6 @@ def volume_phase(
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         return VolumePhase("Rebuilding", f"rebuilding {len(wo)} replica(s){pct}", False)
     parts = [f"{rw} of {vol.replica_count} replicas RW"]
-    where = {(reports.get(r.id) or {}).get("addresses", {}).get("data"): r.node for r in replicas}
     gone = [m["address"] for m in members if m["mode"] != "ERR" and m["address"] not in placed]
     down = [
         f"{where.get(m['address'], m['address'])} {m['mode']}"

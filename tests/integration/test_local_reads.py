@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import nbd
 import pytest
 
@@ -49,17 +50,10 @@ def local_reads(c: Cluster) -> int:
 
 
 def replica_reads(c: Cluster) -> int:
-    text = http_json_text(f"http://{HOST}:{c.replica_ports[0][1]}/metrics")
+    text = httpx.get(f"http://{HOST}:{c.replica_ports[0][1]}/metrics", timeout=10).text
     m = re.search(r'^tandem_replica_ops_total\{op="read",volume="vol"\} (\S+)$', text, re.M)
     assert m, text[-2000:]
     return int(float(m.group(1)))
-
-
-def http_json_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode()
 
 
 def test_share_offers_the_head_file_and_a_sealed_page(cluster: Cluster) -> None:
