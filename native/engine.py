@@ -435,7 +435,7 @@ class Engine:
         local: tuple[int, int, int, int] | None = None,
     ) -> asyncio.Future[None]:
         """Hand over a member's data connection (the engine closes fd); done once the member
-        receives writes. local: SHARE's offer of local reads (open_data_socket)."""
+        receives writes. local: the replica's pid and offer of local reads (open_data_socket)."""
         if self._eng is None:
             os.close(fd)
             raise OSError(errno.ESHUTDOWN, "the engine stopped")

@@ -239,10 +239,13 @@ int tandem_vol_setup(tandem_engine *e, uint64_t size, int replica_count, int quo
 /* Hand over member slot's data connection: a connected socket (blocking mode) that already
  * OPENed the replica with the member's fencing key; mode RW or WO; current: dropping it needs
  * a generation bump (RW members always do); shared: the replica SHAREd the volume's memory
- * on this connection. local (or NULL): what SHARE answered, {replica pid, its head file's
- * fd number, its local-read page's fd number, generation}: the engine then reads that file
- * itself while the page says so (replica/protocol.py SHARE). Replaces the slot's previous
+ * on this connection. local (or NULL): {replica pid, then what SHARE answered: its head
+ * file's fd number, its local-read page's fd number, generation}: the engine then reads that
+ * file itself while the page says so (replica/protocol.py SHARE); TANDEM_NO_OFFER in place of
+ * the fd numbers: no local reads. The pid also tells when memory the replica may still use
+ * after its connection was dropped comes back: once it exited. Replaces the slot's previous
  * connection. TANDEM_EV_DONE id once the member receives writes. */
+#define TANDEM_NO_OFFER 0xffffffffu
 int tandem_member_attach(tandem_engine *e, int slot, int fd, int mode, int current, int shared,
                          const uint32_t *local, const char *address, uint64_t id);
 /* Change a member's mode: RW/WO, or ERR (drop it: close its connection, like a failure).

@@ -30,7 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <poll.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define REQ_MAGIC 0x51444E54u
@@ -61,14 +63,186 @@ struct pool {
     uint32_t nslots;
     uint64_t *leaked; /* the stats counter (NULL once the volume is gone) */
     uint64_t used[SHM_MAX_SLOTS / 64]; /* bit set: slot taken */
+    struct list peers; /* struct peer, watched */
+    struct list held;  /* struct held */
 };
+
+/* A replica process on this host that maps the pool. A connection to it that is dropped with
+ * requests in flight leaves their slots to it: it may still read or write them when it runs
+ * again. They come back once the process exited (its pidfd polls readable): then nobody but
+ * us maps them (its io-wq workers are its threads, so they are gone too). */
+struct peer {
+    struct list link; /* pool->peers while watched */
+    int refs;         /* connections, buffers, held slots, the armed poll */
+    uint32_t pid;
+    int pidfd;
+    int dead;
+    struct pool *pool;
+    struct io io, cancel;
+};
+
+/* Slots whose buffer is gone, kept until every peer in `by` exited. */
+struct held {
+    struct list link; /* pool->held */
+    uint32_t slot, nslots;
+    struct peer *by[VBUF_HOLDERS];
+};
+
+static void slots_set(struct pool *p, uint32_t first, uint32_t n, int used);
+
+static void peer_put(struct peer *pe)
+{
+    if (pe && --pe->refs == 0) {
+        if (pe->pidfd >= 0)
+            close(pe->pidfd);
+        free(pe);
+    }
+}
 
 static void pool_put(struct pool *p)
 {
     if (--p->refs == 0) {
+        while (!list_empty(&p->held)) { /* the engine is gone: nothing to give them to */
+            struct held *h = container_of(p->held.next, struct held, link);
+            list_del(&h->link);
+            for (int i = 0; i < VBUF_HOLDERS; i++)
+                peer_put(h->by[i]);
+            free(h);
+        }
         munmap(p->base, (size_t)p->nslots * SHM_SLOT);
         free(p);
     }
+}
+
+/* The last reference to a poisoned buffer went: keep its slots until its holders exited. */
+static void pool_hold(struct vbuf *b)
+{
+    struct pool *p = b->pool;
+    struct held *h = b->poisoned == POISON_PEERS ? calloc(1, sizeof(*h)) : NULL;
+    int alive = 0;
+    for (int i = 0; i < VBUF_HOLDERS; i++) {
+        struct peer *pe = b->held[i];
+        b->held[i] = NULL;
+        if (pe && h && !pe->dead)
+            h->by[alive++] = pe;
+        else
+            peer_put(pe);
+    }
+    if (h && !alive) { /* they all exited already */
+        free(h);
+        slots_set(p, b->slot, b->nslots, 0);
+        return;
+    }
+    if (p->leaked)
+        *p->leaked += (uint64_t)b->nslots * SHM_SLOT;
+    if (!h)
+        return; /* kept for good: a holder we cannot watch (or no memory to remember it) */
+    h->slot = b->slot;
+    h->nslots = b->nslots;
+    list_add_tail(&p->held, &h->link);
+}
+
+/* A peer exited: give back what only it held. */
+static void peer_exited(struct engine *e, struct io *io, int res)
+{
+    (void)e;
+    struct peer *pe = container_of(io, struct peer, io);
+    list_del(&pe->link);
+    struct pool *p = pe->pool;
+    pe->pool = NULL;
+    if (res >= 0 && p) {
+        pe->dead = 1;
+        struct list *l = p->held.next;
+        while (l != &p->held) {
+            struct held *h = container_of(l, struct held, link);
+            l = l->next;
+            int left = 0;
+            for (int i = 0; i < VBUF_HOLDERS; i++) {
+                if (h->by[i] == pe) {
+                    h->by[i] = NULL;
+                    peer_put(pe);
+                }
+                left += h->by[i] != NULL;
+            }
+            if (left)
+                continue;
+            list_del(&h->link);
+            slots_set(p, h->slot, h->nslots, 0);
+            if (p->leaked)
+                *p->leaked -= (uint64_t)h->nslots * SHM_SLOT;
+            free(h);
+        }
+    }
+    if (p)
+        pool_put(p);
+    peer_put(pe);
+}
+
+static void peer_cancelled(struct engine *e, struct io *io, int res)
+{
+    (void)e;
+    (void)res;
+    peer_put(container_of(io, struct peer, cancel));
+}
+
+/* The watched peer with this pid, or a new one (NULL when it cannot be watched: then what a
+ * dropped connection to it held is kept for good). */
+static struct peer *peer_find(struct engine *e, struct pool *p, uint32_t pid)
+{
+    for (struct list *l = p->peers.next; l != &p->peers; l = l->next) {
+        struct peer *pe = container_of(l, struct peer, link);
+        struct pollfd pf = {.fd = pe->pidfd, .events = POLLIN};
+        /* not one that exited, its poll not done yet, with the pid taken by a new process */
+        if (pe->pid == pid && poll(&pf, 1, 0) == 0) {
+            pe->refs++;
+            return pe;
+        }
+    }
+    int fd = pid ? (int)syscall(SYS_pidfd_open, (pid_t)pid, 0) : -1;
+    struct peer *pe = fd >= 0 ? calloc(1, sizeof(*pe)) : NULL;
+    if (!pe) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    pe->refs = 2; /* the caller's and the poll's */
+    pe->pid = pid;
+    pe->pidfd = fd;
+    pe->pool = p;
+    p->refs++;
+    pe->io.done = peer_exited;
+    pe->cancel.done = peer_cancelled;
+    list_add_tail(&p->peers, &pe->link);
+    io_uring_prep_poll_add(eng_sqe(e, &pe->io, 1), fd, POLLIN);
+    return pe;
+}
+
+/* The engine stops: stop watching (the polls complete with -ECANCELED). */
+static void peers_unwatch(struct engine *e, struct pool *p)
+{
+    for (struct list *l = p->peers.next; l != &p->peers; l = l->next) {
+        struct peer *pe = container_of(l, struct peer, link);
+        pe->refs++;
+        io_uring_prep_poll_remove(eng_sqe(e, &pe->cancel, 1), (uint64_t)(uintptr_t)&pe->io);
+    }
+}
+
+/* A connection to peer pe (NULL: not known) was dropped with b in flight. */
+static void vbuf_hold(struct vbuf *b, struct peer *pe)
+{
+    if (b->poisoned == POISON_FOREVER)
+        return;
+    for (int i = 0; pe && i < VBUF_HOLDERS; i++) {
+        if (b->held[i] == pe)
+            return;
+        if (!b->held[i]) {
+            b->held[i] = pe;
+            pe->refs++;
+            b->poisoned = POISON_PEERS;
+            return;
+        }
+    }
+    b->poisoned = POISON_FOREVER;
 }
 
 static int slot_used(const struct pool *p, uint32_t i) { return (p->used[i / 64] >> (i % 64)) & 1; }
@@ -156,8 +330,8 @@ void vbuf_put(struct vbuf *b)
     if (!b || --b->refs)
         return;
     if (b->pool) {
-        if (b->poisoned && b->pool->leaked)
-            *b->pool->leaked += (uint64_t)b->nslots * SHM_SLOT;
+        if (b->poisoned)
+            pool_hold(b);
         else
             slots_set(b->pool, b->slot, b->nslots, 0);
         pool_put(b->pool);
@@ -246,6 +420,7 @@ struct mconn {
     uint8_t *rxmsg;
     uint32_t rxstatus, rxlen;
     uint64_t rxtag;
+    struct peer *peer; /* the replica process, when it shares the pool */
 };
 
 /* One request of a vio to one member. */
@@ -976,7 +1151,7 @@ static void mconn_kill(struct mconn *mc, const char *why)
         struct msub *s = container_of(mc->inflight.next, struct msub, link);
         list_del(&s->link);
         if (s->shm)
-            s->buf->poisoned = 1; /* the replica lives on and may still read or write it */
+            vbuf_hold(s->buf, mc->peer); /* the replica may still read or write it */
         s->fmsg = fmt("replica %s: %s", addr, why);
         s->fio.done = msub_failed;
         eng_defer(vol->e, &s->fio, 0);
@@ -1238,7 +1413,7 @@ static int proc_fd(uint32_t pid, uint32_t num)
 static void local_open(struct vol *vol, struct member *m, const uint32_t *li)
 {
     local_close(m);
-    if (!li || !li[0])
+    if (!li || !li[0] || li[1] == TANDEM_NO_OFFER)
         return;
     int fd = proc_fd(li[0], li[1]), pfd = proc_fd(li[0], li[2]);
     char path[64], link[64] = "";
@@ -1596,6 +1771,7 @@ static void mc_on_destroy(struct conn *c)
     free(mc->tags);
     free(mc->freetags);
     free(mc->why);
+    peer_put(mc->peer);
     free(mc);
 }
 
@@ -1635,6 +1811,8 @@ static void pool_map(struct vol *vol, int fd, uint64_t size)
     p->refs = 1;
     p->nslots = (uint32_t)n;
     p->leaked = &vol->st->shm_leaked;
+    list_init(&p->peers);
+    list_init(&p->held);
     vol->pool = p;
 }
 
@@ -1697,6 +1875,7 @@ void target_attach(struct engine *e, int slot, int fd, int mode, int current, in
     m->used = 1;
     m->shared = shared && vol->pool;
     local_open(vol, m, m->shared ? local : NULL);
+    mc->peer = m->shared ? peer_find(e, vol->pool, local ? local[0] : 0) : NULL;
     snprintf(m->addr, sizeof(m->addr), "%s", address ? address : "?");
     m->gen++;
     mc->c = c;
@@ -1913,6 +2092,8 @@ void target_stop(struct engine *e)
         m->map = NULL;
         m->track = 0;
     }
+    if (vol->pool)
+        peers_unwatch(e, vol->pool);
 }
 
 void target_free(struct engine *e)

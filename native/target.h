@@ -10,6 +10,9 @@
 #define MAX_MEMBERS TANDEM_MAX_MEMBERS
 
 struct pool;
+struct peer;
+#define VBUF_HOLDERS 4
+enum { POISON_PEERS = 1, POISON_FOREVER = 2 };
 
 /* A payload shared by a request and the sends that carry it (refcounted). */
 struct vbuf {
@@ -18,7 +21,10 @@ struct vbuf {
     uint8_t *data; /* inl, memory someone else keeps alive (external), or pool slots */
     struct pool *pool;     /* the volume's shared memory the data lives in, or NULL */
     uint32_t slot, nslots; /* ... which slots */
-    int poisoned; /* a replica that was dropped may still write it: never reuse the slots */
+    /* A replica dropped with it in flight may still read or write it when it runs again: the
+     * slots come back only once every such replica process exited (struct peer). */
+    int poisoned; /* POISON_PEERS: until the processes in held exited; POISON_FOREVER */
+    struct peer *held[VBUF_HOLDERS];
     uint8_t inl[];
 };
 

@@ -59,6 +59,7 @@ INTERNAL = ne.FRONTENDS.index("internal")
 # 16 reads and 16 writes of 1 MiB at once); what does not fit goes through the socket. Only
 # the pages written are ever allocated (a 4 KiB payload takes one page of its slot).
 SHM_SIZE = 64 << 20
+NO_OFFER = 0xFFFFFFFF  # in place of the fd numbers of local reads (tandem.h TANDEM_NO_OFFER)
 
 
 class NativeMember(Member):
@@ -70,7 +71,7 @@ class NativeMember(Member):
         self.slot = slot
         self.data_sock: socket.socket | None = None  # opened, not handed over yet
         self.data_shared = False  # data_sock's replica SHAREd the volume's memory
-        # ... and offered local reads: (its pid, head file fd, page fd, generation)
+        # ... its pid, and its offer of local reads: (pid, head file fd, page fd, generation)
         self.data_local: tuple[int, int, int, int] | None = None
         self.attaching: asyncio.Future[None] | None = None  # the last hand-over
         self.gen = 0  # data connections handed over (the engine's count too)
@@ -134,8 +135,9 @@ async def open_data_socket(
     connected, INFO'd (the same replica as the control connection), OPENed with the
     member's fencing key; in blocking mode for the engine. Over a unix socket the replica is
     also asked to SHARE the memfd `share_fd` (SHM_SIZE bytes); the flag says it did, and
-    the last item is its offer of local reads (its pid from the socket, then SHARE's answer:
-    head file fd, page fd, generation) or None."""
+    the last item, when it did, is its pid (from the socket) and its offer of local reads
+    (SHARE's answer: head file fd, page fd, generation; NO_OFFER, NO_OFFER, 0 without one),
+    else None."""
     loop = asyncio.get_running_loop()
     host, port = parse_address(address)
     addr: Any = route
@@ -178,10 +180,12 @@ async def open_data_socket(
         if share and not shared:
             log.info("replica %s: data through its socket (%s)", address, answers[3].message)
         local = None
-        if shared and len(answers[3].payload) == 16:
+        if shared:
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            head, page, gen, _ = struct.unpack("<4I", answers[3].payload)
-            local = (pid, head, page, gen)
+            local = (pid, NO_OFFER, NO_OFFER, 0)
+            if len(answers[3].payload) == 16:
+                head, page, gen, _ = struct.unpack("<4I", answers[3].payload)
+                local = (pid, head, page, gen)
         sock.setblocking(True)  # io_uring polls for it; O_NONBLOCK would return EAGAIN
         return sock, shared, local
     except BaseException as e:

@@ -164,7 +164,8 @@ def test_share_refusals(replica: Cluster, memfd: tuple[int, mmap.mmap], tmp_path
 def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
     """Reads in flight in shared memory to a replica that hangs: after its deadline it is
     dropped, the reads go to another replica in fresh memory, and what the hung one was given
-    is never handed out again (it may still write there once it runs)."""
+    is not handed out again while its process lives (it may still write there once it runs).
+    Once that process exited, the memory comes back."""
     c = Cluster(tmp_path, sockets=frozenset({0, 1}), size=32 * MiB)
     try:
         c.start()
@@ -209,13 +210,27 @@ def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
         assert bad == []
         counters = c.status()["engine_counters"]["members"]
         assert counters["shared"] > 0
-        assert counters["leaked_bytes"] >= MiB  # its reads' memory, set aside for good
-        metrics = urllib.request.urlopen(c.api + "/metrics", timeout=10).read().decode()
-        gauge = 'tandem_engine_shared_memory_set_aside_bytes{volume="vol"} '
-        values = [float(ln[len(gauge) :]) for ln in metrics.splitlines() if ln.startswith(gauge)]
-        assert values == [counters["leaked_bytes"]]
-        assert 'tandem_engine_member_shared_requests_total{volume="vol"}' in metrics
+        assert counters["leaked_bytes"] >= MiB  # its reads' memory, set aside
+
+        def metrics() -> str:
+            return urllib.request.urlopen(c.api + "/metrics", timeout=10).read().decode()
+
+        def gauge() -> list[float]:
+            name = 'tandem_engine_shared_memory_set_aside_bytes{volume="vol"} '
+            return [float(ln[len(name) :]) for ln in metrics().splitlines() if ln.startswith(name)]
+
+        assert gauge() == [counters["leaked_bytes"]]
+        assert 'tandem_engine_member_shared_requests_total{volume="vol"}' in metrics()
         c.wait_modes(["RW", "RW", "RW"])  # and it came back by itself
+        assert c.status()["engine_counters"]["members"]["leaked_bytes"] == counters["leaked_bytes"]
+        c.replicas[0].kill9()  # the process that could still use that memory is gone
+        until = time.monotonic() + 10
+        while (held := c.status()["engine_counters"]["members"]["leaked_bytes"]) and (
+            time.monotonic() < until
+        ):
+            time.sleep(0.1)
+        assert held == 0
+        assert gauge() == [0]
     finally:
         c.stop()
 
