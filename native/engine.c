@@ -873,8 +873,10 @@ static int ring_init(struct engine *e)
         p.flags = flag_sets[i] | IORING_SETUP_CQSIZE;
         p.cq_entries = CQ_ENTRIES;
         rc = io_uring_queue_init_params(SQ_ENTRIES, &e->ring, &p);
-        if (rc == 0)
+        if (rc == 0) {
+            e->ring_features = p.features;
             return 0;
+        }
         if (rc != -EINVAL)
             break;
     }

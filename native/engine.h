@@ -182,6 +182,7 @@ struct engine {
     struct io_uring ring;
     pthread_t thread;
     unsigned nios; /* SQEs whose CQE is outstanding (the command read excluded) */
+    unsigned ring_features; /* IORING_FEAT_* */
 
     pthread_mutex_t lock; /* guards the two queues and init */
     pthread_cond_t cond;

@@ -224,7 +224,7 @@ struct tandem_target_stats {
     uint64_t fe_requests[4];       /* [TANDEM_FRONTENDS]: requests (NBD, SCSI commands) parsed */
     uint64_t fe_upcalls[4];        /* ... of them handed to Python */
     uint64_t member_shared;        /* member requests whose data went through shared memory */
-    uint64_t shm_leaked;           /* bytes of it never reused: a dropped replica may write it */
+    uint64_t shm_leaked;           /* bytes of it set aside: a dropped replica may use it */
     uint64_t local_reads;          /* reads served from a local replica's head file */
 };
 

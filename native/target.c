@@ -70,7 +70,11 @@ struct pool {
 /* A replica process on this host that maps the pool. A connection to it that is dropped with
  * requests in flight leaves their slots to it: it may still read or write them when it runs
  * again. They come back once the process exited (its pidfd polls readable): then nobody but
- * us maps them (its io-wq workers are its threads, so they are gone too). */
+ * us maps them. This rests on: its io-wq workers being its threads (IORING_FEAT_NATIVE_WORKERS,
+ * Linux 5.12; before, kernel threads that borrowed its memory could outlive it), no I/O of
+ * its pinning the pages past its exit (the replica uses no O_DIRECT, registered buffers or
+ * zero-copy sends on them), and the pid being the replica's: the socket's peer credentials
+ * name the process that listens, and the replica listens itself. */
 struct peer {
     struct list link; /* pool->peers while watched */
     int refs;         /* connections, buffers, held slots, the armed poll */
@@ -198,16 +202,25 @@ static struct peer *peer_find(struct engine *e, struct pool *p, uint32_t pid)
             return pe;
         }
     }
-    int fd = pid ? (int)syscall(SYS_pidfd_open, (pid_t)pid, 0) : -1;
-    struct peer *pe = fd >= 0 ? calloc(1, sizeof(*pe)) : NULL;
+    if (!pid || !(e->ring_features & IORING_FEAT_NATIVE_WORKERS))
+        return NULL;
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+    if (fd < 0 && errno != ESRCH)
+        return NULL;
+    struct peer *pe = calloc(1, sizeof(*pe));
     if (!pe) {
         if (fd >= 0)
             close(fd);
         return NULL;
     }
-    pe->refs = 2; /* the caller's and the poll's */
     pe->pid = pid;
     pe->pidfd = fd;
+    if (fd < 0) { /* no such process any more: what it held is free */
+        pe->refs = 1;
+        pe->dead = 1;
+        return pe;
+    }
+    pe->refs = 2; /* the caller's and the poll's */
     pe->pool = p;
     p->refs++;
     pe->io.done = peer_exited;

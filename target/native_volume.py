@@ -211,7 +211,7 @@ class NativeMetrics:
             shared.add_metric([self.volume], st["member_shared"])
             leaked = GaugeMetricFamily(
                 "tandem_engine_shared_memory_set_aside_bytes",
-                "Shared memory never reused: replicas dropped with requests in it may write it",
+                "Shared memory set aside until the replicas dropped with requests in it exit",
                 labels=["volume"],
             )
             leaked.add_metric([self.volume], st["shm_leaked"])
