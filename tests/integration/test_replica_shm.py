@@ -161,11 +161,13 @@ def test_share_refusals(replica: Cluster, memfd: tuple[int, mmap.mmap], tmp_path
     assert r.share(fd).status == 0  # and a good SHARE still works after them
 
 
-def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["replica exits", "target stops"])
+def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path, end: str) -> None:
     """Reads in flight in shared memory to a replica that hangs: after its deadline it is
     dropped, the reads go to another replica in fresh memory, and what the hung one was given
     is not handed out again while its process lives (it may still write there once it runs).
-    Once that process exited, the memory comes back."""
+    Once that process exited, the memory comes back. A target stopped while it still watches
+    that process exits at once."""
     c = Cluster(tmp_path, sockets=frozenset({0, 1}), size=32 * MiB)
     try:
         c.start()
@@ -223,6 +225,12 @@ def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path) -> None:
         assert 'tandem_engine_member_shared_requests_total{volume="vol"}' in metrics()
         c.wait_modes(["RW", "RW", "RW"])  # and it came back by itself
         assert c.status()["engine_counters"]["members"]["leaked_bytes"] == counters["leaked_bytes"]
+        if end == "target stops":
+            assert c.target is not None
+            began = time.monotonic()
+            assert c.target.stop() == 0  # not killed after the 15 s it is given
+            assert time.monotonic() - began < 5
+            return
         c.replicas[0].kill9()  # the process that could still use that memory is gone
         until = time.monotonic() + 10
         while (held := c.status()["engine_counters"]["members"]["leaked_bytes"]) and (
