@@ -243,6 +243,49 @@ def test_a_dropped_replica_never_gets_reused_memory(tmp_path: Path, end: str) ->
         c.stop()
 
 
+def test_memory_two_dropped_replicas_hold_comes_back_once_both_exited(tmp_path: Path) -> None:
+    """Writes go to every replica, so a write in flight to two replicas that share memory and
+    are both dropped is held by both processes: it stays aside after the first of them exited
+    and comes back once the second did."""
+    c = Cluster(tmp_path, sockets=frozenset({0, 1}), size=32 * MiB)
+    try:
+        c.start()
+        c.wait_modes(["RW", "RW", "RW"])
+
+        def members() -> dict[str, int]:
+            return c.status()["engine_counters"]["members"]
+
+        before = members()["requests"]
+        h = nbd.NBD()
+        h.connect_uri(c.uri)
+        c.replicas[0].signal(signal.SIGSTOP)
+        c.replicas[1].signal(signal.SIGSTOP)
+        for k in range(4):
+            h.aio_pwrite(os.urandom(MiB), k * MiB)
+        until = time.monotonic() + 5
+        while members()["requests"] - before < 12 and time.monotonic() < until:
+            h.poll(50)  # libnbd sends queued commands only while polled
+        c.wait_modes(["ERR", "ERR", "RW"], timeout=15)  # both missed their deadline
+        until = time.monotonic() + 15
+        while h.aio_in_flight() and time.monotonic() < until:
+            h.poll(100)  # the writes end (without a quorum they fail)
+        held = members()["leaked_bytes"]
+        assert held >= 4 * MiB
+        c.replicas[0].kill9()
+        time.sleep(1.5)
+        assert members()["leaked_bytes"] == held  # the other process may still read them
+        c.replicas[1].kill9()
+        until = time.monotonic() + 10
+        while (held := members()["leaked_bytes"]) and time.monotonic() < until:
+            time.sleep(0.1)
+        assert held == 0
+        h.shutdown()
+    finally:
+        c.replicas[0].signal(signal.SIGCONT)
+        c.replicas[1].signal(signal.SIGCONT)
+        c.stop()
+
+
 def test_a_replica_that_cannot_share_gets_data_through_its_socket(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memfd: tuple[int, mmap.mmap]
 ) -> None:
