@@ -24,13 +24,13 @@
 #include "target.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <poll.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -189,8 +189,9 @@ static void peer_cancelled(struct engine *e, struct io *io, int res)
     peer_put(container_of(io, struct peer, cancel));
 }
 
-/* The watched peer with this pid, or a new one (NULL when it cannot be watched: then what a
- * dropped connection to it held is kept for good). */
+/* The watched peer with this pid, or a new one: watched, or already dead when no process has
+ * the pid any more. NULL when it cannot be watched: then what a dropped connection to it held
+ * is kept for good. */
 static struct peer *peer_find(struct engine *e, struct pool *p, uint32_t pid)
 {
     for (struct list *l = p->peers.next; l != &p->peers; l = l->next) {
