@@ -65,7 +65,7 @@ ASAN_REPORT := $(CURDIR)/build/asan/report
 ASAN_TESTS := tests/unit/test_engine_*.py tests/integration/test_engine_*.py \
 	tests/integration/test_replica_server.py tests/integration/test_faults.py \
 	tests/integration/test_iscsi_native.py tests/integration/test_replica_shm.py \
-	tests/integration/test_local_reads.py
+	tests/integration/test_local_reads.py tests/integration/test_stuck_disk.py
 asan: setup
 	$(BIN)/python native/build.py --asan
 	@rm -f $(ASAN_REPORT).*

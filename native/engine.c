@@ -946,7 +946,7 @@ static void *engine_main(void *arg)
             run_cmds(e);
         run_deferred(e);
         flush_sends(e);
-        if (e->stopping && e->nios == 0 && !e->ndefer && list_empty(&e->conns))
+        if (e->stopping && e->nios == e->nabandoned && !e->ndefer && list_empty(&e->conns))
             break;
         uint64_t due = UINT64_MAX; /* the next timer */
         if (!list_empty(&e->timers))

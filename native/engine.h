@@ -182,6 +182,7 @@ struct engine {
     struct io_uring ring;
     pthread_t thread;
     unsigned nios; /* SQEs whose CQE is outstanding (the command read excluded) */
+    unsigned nabandoned; /* of those, given up (a read stuck on a disk): not waited for at stop */
     unsigned ring_features; /* IORING_FEAT_* */
 
     pthread_mutex_t lock; /* guards the two queues and init */

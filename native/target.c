@@ -401,6 +401,7 @@ struct vol {
     struct list xlocks; /* granted, or waiting for the writes in flight */
     struct list xwait;  /* waiting for another exclusive lock */
     struct pool *pool;  /* shared memory, or NULL */
+    struct list lreads; /* local reads in flight and not given up */
     /* QoS */
     struct bucket qb[6];
     double burst;
@@ -1381,9 +1382,12 @@ struct lfile {
 };
 
 /* One local read: its own io and reference to the buffer, so a read given up at its
- * deadline may still complete into memory nobody else uses. */
+ * deadline may still complete into memory nobody else uses. A read given up is not waited
+ * for at stop: on a stuck disk it may never end, and the kernel cancels it when the ring
+ * goes (its buffer, and the pool around it, stay mapped: it holds a reference to them). */
 struct lread {
     struct io io;
+    struct list link; /* on vol->lreads until given up */
     struct timer dl;
     struct vio *v; /* NULL once given up */
     struct vol *vol;
@@ -1476,16 +1480,19 @@ static void local_fallback(struct vol *vol, struct vio *v, const char *why)
 
 static void local_done(struct engine *e, struct io *io, int res)
 {
-    (void)e;
     struct lread *lr = container_of(io, struct lread, io);
     struct vio *v = lr->v;
     struct vol *vol = lr->vol;
     timer_cancel(&lr->dl);
+    if (v)
+        list_del(&lr->link);
+    else
+        e->nabandoned--;
     lfile_put(lr->lf);
     vbuf_put(lr->buf);
     free(lr);
     if (!v)
-        return; /* given up at its deadline */
+        return; /* given up */
     if (res == (int)v->length) {
         vol->st->local_reads++;
         vio_finish(vol, v);
@@ -1496,17 +1503,25 @@ static void local_done(struct engine *e, struct io *io, int res)
     }
 }
 
-static void local_deadline(struct engine *e, struct timer *t)
+/* Give a local read up: its request goes on without it. */
+static void local_abandon(struct lread *lr, const char *why)
 {
-    (void)e;
-    struct lread *lr = container_of(t, struct lread, dl);
     struct vio *v = lr->v;
     struct member *m = &lr->vol->m[lr->slot];
+    timer_cancel(&lr->dl);
+    list_del(&lr->link);
     lr->v = NULL;
+    lr->vol->e->nabandoned++;
     if (m->lf == lr->lf)
         local_close(m); /* its disk is slow or stuck: the member's reads go to it, with its
                          * deadline, until it is attached again */
-    local_fallback(lr->vol, v, "local read timed out");
+    local_fallback(lr->vol, v, why);
+}
+
+static void local_deadline(struct engine *e, struct timer *t)
+{
+    (void)e;
+    local_abandon(container_of(t, struct lread, dl), "local read timed out");
 }
 
 static int local_read(struct vol *vol, struct vio *v, int slot)
@@ -1527,6 +1542,7 @@ static int local_read(struct vol *vol, struct vio *v, int slot)
     lr->buf = v->buf;
     lr->buf->refs++;
     v->local = 1;
+    list_add_tail(&vol->lreads, &lr->link);
     timer_arm(vol->e, &lr->dl, (uint64_t)(vol->timeout * 1e9));
     io_uring_prep_read(eng_sqe(vol->e, &lr->io, 1), lr->lf->fd, lr->buf->data, v->length,
                        v->offset);
@@ -1846,6 +1862,7 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
         list_init(&vol->shared);
         list_init(&vol->xlocks);
         list_init(&vol->xwait);
+        list_init(&vol->lreads);
         for (int k = 0; k < 2; k++) {
             list_init(&vol->qwait[k]);
             list_init(&vol->qtimer[k].link);
@@ -2106,6 +2123,8 @@ void target_stop(struct engine *e)
         m->map = NULL;
         m->track = 0;
     }
+    while (!list_empty(&vol->lreads)) /* their requests fail: no member is left */
+        local_abandon(container_of(vol->lreads.next, struct lread, link), "the engine stopped");
     if (vol->pool)
         peers_unwatch(e, vol->pool);
 }

@@ -795,14 +795,17 @@ class Replicator:
         self.members.remove(m)
 
     async def close(self) -> None:
-        """Clean shutdown: replicas flush and record a clean close."""
+        """Clean shutdown: replicas flush and record a clean close. One that does not within
+        the replica deadline (its disk is stuck) is not waited for, even as the last one: it
+        is left as after a crash, and its intent log is checked when it is opened next."""
         self._closing = True
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        live = [m for m in self.members if m.client and m.mode == Mode.RW]
+        live = [m.client for m in self.members if m.client and m.mode == Mode.RW]
         await asyncio.gather(
-            *(m.client.close_session() for m in live if m.client), return_exceptions=True
+            *(asyncio.wait_for(c.close_session(), self.timeout) for c in live),
+            return_exceptions=True,
         )
         for m in self.members:
             if m.client:

@@ -57,6 +57,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 @pytest.fixture
+def native_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For suites of the native engine only (pytestmark = usefixtures("native_only")): skip
+    where it cannot run, and start every process of the test on it."""
+    import native
+
+    if (why := native.engine_unavailable()) is not None:
+        pytest.skip(f"native engine: {why}")
+    monkeypatch.setenv("TANDEM_ENGINE", "native")
+
+
+@pytest.fixture
 def make_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type[Cluster]]:
     """Factory for clusters of real processes; every one is stopped after the test."""
     made: list[Cluster] = []

@@ -25,13 +25,7 @@ BLOCK = 4096
 KiB = 1024
 
 
-@pytest.fixture(autouse=True)
-def native_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import native
-
-    if (why := native.engine_unavailable()) is not None:
-        pytest.skip(f"native engine: {why}")
-    monkeypatch.setenv("TANDEM_ENGINE", "native")
+pytestmark = pytest.mark.usefixtures("native_only")
 
 
 @pytest.fixture

@@ -29,13 +29,7 @@ MiB = 1 << 20
 SHM = 4 * MiB
 
 
-@pytest.fixture(autouse=True)
-def native_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import native
-
-    if (why := native.engine_unavailable()) is not None:
-        pytest.skip(f"native engine: {why}")
-    monkeypatch.setenv("TANDEM_ENGINE", "native")
+pytestmark = pytest.mark.usefixtures("native_only")
 
 
 class Raw:
