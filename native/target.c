@@ -401,7 +401,6 @@ struct vol {
     struct list xlocks; /* granted, or waiting for the writes in flight */
     struct list xwait;  /* waiting for another exclusive lock */
     struct pool *pool;  /* shared memory, or NULL */
-    struct list lreads; /* local reads in flight and not given up */
     /* QoS */
     struct bucket qb[6];
     double burst;
@@ -1382,12 +1381,15 @@ struct lfile {
 };
 
 /* One local read: its own io and reference to the buffer, so a read given up at its
- * deadline may still complete into memory nobody else uses. A read given up is not waited
- * for at stop: on a stuck disk it may never end, and the kernel cancels it when the ring
- * goes (its buffer, and the pool around it, stay mapped: it holds a reference to them). */
+ * deadline may still complete into memory nobody else uses. The engine's stop does not wait
+ * for a read given up (nabandoned): on a stuck disk it may never end. One still in flight
+ * at stop is given up at its deadline. If it never ends, its buffer (and the pool around it)
+ * stays allocated: it holds a reference. The thread's exit does not wait for it where the
+ * read waits on the page with no thread behind it (async buffered reads: ext4, xfs,
+ * btrfs); where io_uring hands it to an io-wq worker instead (filesystems without them),
+ * the thread's exit still waits in the kernel for that worker. */
 struct lread {
     struct io io;
-    struct list link; /* on vol->lreads until given up */
     struct timer dl;
     struct vio *v; /* NULL once given up */
     struct vol *vol;
@@ -1484,15 +1486,13 @@ static void local_done(struct engine *e, struct io *io, int res)
     struct vio *v = lr->v;
     struct vol *vol = lr->vol;
     timer_cancel(&lr->dl);
-    if (v)
-        list_del(&lr->link);
-    else
-        e->nabandoned--;
     lfile_put(lr->lf);
     vbuf_put(lr->buf);
     free(lr);
-    if (!v)
-        return; /* given up */
+    if (!v) {
+        e->nabandoned--;
+        return; /* given up at its deadline */
+    }
     if (res == (int)v->length) {
         vol->st->local_reads++;
         vio_finish(vol, v);
@@ -1503,25 +1503,17 @@ static void local_done(struct engine *e, struct io *io, int res)
     }
 }
 
-/* Give a local read up: its request goes on without it. */
-static void local_abandon(struct lread *lr, const char *why)
+static void local_deadline(struct engine *e, struct timer *t)
 {
+    struct lread *lr = container_of(t, struct lread, dl);
     struct vio *v = lr->v;
     struct member *m = &lr->vol->m[lr->slot];
-    timer_cancel(&lr->dl);
-    list_del(&lr->link);
     lr->v = NULL;
-    lr->vol->e->nabandoned++;
+    e->nabandoned++;
     if (m->lf == lr->lf)
         local_close(m); /* its disk is slow or stuck: the member's reads go to it, with its
                          * deadline, until it is attached again */
-    local_fallback(lr->vol, v, why);
-}
-
-static void local_deadline(struct engine *e, struct timer *t)
-{
-    (void)e;
-    local_abandon(container_of(t, struct lread, dl), "local read timed out");
+    local_fallback(lr->vol, v, "local read timed out");
 }
 
 static int local_read(struct vol *vol, struct vio *v, int slot)
@@ -1542,7 +1534,6 @@ static int local_read(struct vol *vol, struct vio *v, int slot)
     lr->buf = v->buf;
     lr->buf->refs++;
     v->local = 1;
-    list_add_tail(&vol->lreads, &lr->link);
     timer_arm(vol->e, &lr->dl, (uint64_t)(vol->timeout * 1e9));
     io_uring_prep_read(eng_sqe(vol->e, &lr->io, 1), lr->lf->fd, lr->buf->data, v->length,
                        v->offset);
@@ -1862,7 +1853,6 @@ int target_setup(struct engine *e, uint64_t size, int replica_count, int quorum,
         list_init(&vol->shared);
         list_init(&vol->xlocks);
         list_init(&vol->xwait);
-        list_init(&vol->lreads);
         for (int k = 0; k < 2; k++) {
             list_init(&vol->qwait[k]);
             list_init(&vol->qtimer[k].link);
@@ -2123,8 +2113,6 @@ void target_stop(struct engine *e)
         m->map = NULL;
         m->track = 0;
     }
-    while (!list_empty(&vol->lreads)) /* their requests fail: no member is left */
-        local_abandon(container_of(vol->lreads.next, struct lread, link), "the engine stopped");
     if (vol->pool)
         peers_unwatch(e, vol->pool);
 }

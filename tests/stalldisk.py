@@ -20,8 +20,13 @@ def missing() -> str | None:
     tools = ["nbdkit", "nbdfuse", "mkfs.ext4", "fusermount3"]
     if lost := [t for t in tools if not shutil.which(t)]:
         return f"needs {', '.join(lost)}"
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        return "needs /dev/fuse and root (mount -o loop)"
+    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        return "needs /dev/fuse and loop devices"
+    if os.geteuid() != 0:
+        return "needs root (mount -o loop)"
+    probe = ["nbdkit", "--filter=pause", "memory", "1M", "--dump-plugin"]
+    if subprocess.run(probe, capture_output=True, timeout=30).returncode:
+        return "needs nbdkit's memory plugin and pause filter"
     return None
 
 
@@ -107,17 +112,17 @@ class StallDisk:
                 os.close(fd)
 
     def close(self) -> None:
-        """Resume, unmount and end both processes; safe to call more than once."""
+        """Resume, unmount and end both processes; every step is tried, and it is safe to
+        call more than once."""
         if self.paused and self.nbdkit is not None and self.nbdkit.poll() is None:
             with contextlib.suppress(OSError, AssertionError):
                 self.resume()
-        run = subprocess.run
         if self.mounted:
-            if run(["umount", str(self.mnt)], capture_output=True, timeout=60).returncode:
-                run(["umount", "-l", str(self.mnt)], capture_output=True, timeout=60)
+            if not _run("umount", str(self.mnt)):
+                _run("umount", "-l", str(self.mnt))
             self.mounted = False
-        if self.fuse is not None:
-            run(["fusermount3", "-u", str(self.fuse_dir)], capture_output=True, timeout=60)
+        if self.fuse is not None and not _run("fusermount3", "-u", str(self.fuse_dir)):
+            _run("fusermount3", "-uz", str(self.fuse_dir))
         if self.nbdkit is not None and self.nbdkit.poll() is None:
             self.nbdkit.terminate()  # it outlives its clients
         for proc in (self.fuse, self.nbdkit):
@@ -129,3 +134,11 @@ class StallDisk:
                 proc.kill()
                 proc.wait()
         self.fuse = self.nbdkit = None
+
+
+def _run(*args: str) -> bool:
+    """A cleanup command: True when it worked, False when it failed or took over a minute."""
+    try:
+        return subprocess.run(args, capture_output=True, timeout=60).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
