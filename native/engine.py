@@ -15,7 +15,7 @@ import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from native import engine_unavailable, ffi, lib
 
@@ -56,6 +56,21 @@ FAULT_ACTIONS = {"delay": 1, "fail": 2, "hang": 3, "drop": 4, "crash": 5}
 FAULT_SLOTS = ("read", "write", "flush", "unmap", "write_zeroes", "checksum", "*")
 
 _BATCH = 256
+
+
+NO_OFFER = 0xFFFFFFFF  # in place of a fd number: no local reads (tandem.h TANDEM_NO_OFFER)
+
+
+class LocalOffer(NamedTuple):
+    """A replica on this host, as its data connection found it: its pid (from the unix
+    socket) and SHARE's offer of local reads, the fd numbers in its process of its head
+    file and of its page of (generation, readable), and the generation they hold; the fd
+    numbers are NO_OFFER when it made none."""
+
+    pid: int
+    head_fd: int = NO_OFFER
+    page_fd: int = NO_OFFER
+    generation: int = 0
 
 
 @dataclass(slots=True)
@@ -432,17 +447,17 @@ class Engine:
         current: bool,
         shared: bool,
         address: str,
-        local: tuple[int, int, int, int] | None = None,
+        offer: LocalOffer | None = None,
     ) -> asyncio.Future[None]:
         """Hand over a member's data connection (the engine closes fd); done once the member
-        receives writes. local: the replica's pid and offer of local reads (open_data_socket)."""
+        receives writes. offer: a replica on this host (open_data_socket), else None."""
         if self._eng is None:
             os.close(fd)
             raise OSError(errno.ESHUTDOWN, "the engine stopped")
         rid, fut = self._request()
-        offer = ffi.new("uint32_t[4]", list(local)) if local else ffi.NULL
+        li = ffi.new("uint32_t[4]", list(offer)) if offer else ffi.NULL
         rc = lib.tandem_member_attach(
-            self._eng, slot, fd, mode, int(current), int(shared), offer, address.encode(), rid
+            self._eng, slot, fd, mode, int(current), int(shared), li, address.encode(), rid
         )
         if rc < 0:
             self._forget(rid)

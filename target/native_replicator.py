@@ -59,7 +59,6 @@ INTERNAL = ne.FRONTENDS.index("internal")
 # 16 reads and 16 writes of 1 MiB at once); what does not fit goes through the socket. Only
 # the pages written are ever allocated (a 4 KiB payload takes one page of its slot).
 SHM_SIZE = 64 << 20
-NO_OFFER = 0xFFFFFFFF  # in place of the fd numbers of local reads (tandem.h TANDEM_NO_OFFER)
 
 
 class NativeMember(Member):
@@ -71,8 +70,7 @@ class NativeMember(Member):
         self.slot = slot
         self.data_sock: socket.socket | None = None  # opened, not handed over yet
         self.data_shared = False  # data_sock's replica SHAREd the volume's memory
-        # ... its pid, and its offer of local reads: (pid, head file fd, page fd, generation)
-        self.data_local: tuple[int, int, int, int] | None = None
+        self.data_offer: ne.LocalOffer | None = None  # ... on this host: its pid and offer
         self.attaching: asyncio.Future[None] | None = None  # the last hand-over
         self.gen = 0  # data connections handed over (the engine's count too)
         super().__init__(address)
@@ -130,14 +128,12 @@ async def open_data_socket(
     timeout: float,
     route: str | None = None,
     share_fd: int | None = None,
-) -> tuple[socket.socket, bool, tuple[int, int, int, int] | None]:
+) -> tuple[socket.socket, bool, ne.LocalOffer | None]:
     """A data connection to a replica (through the unix socket `route` when given):
     connected, INFO'd (the same replica as the control connection), OPENed with the
     member's fencing key; in blocking mode for the engine. Over a unix socket the replica is
     also asked to SHARE the memfd `share_fd` (SHM_SIZE bytes); the flag says it did, and
-    the last item, when it did, is its pid (from the socket) and its offer of local reads
-    (SHARE's answer: head file fd, page fd, generation; NO_OFFER, NO_OFFER, 0 without one),
-    else None."""
+    the last item, when it did, is its pid and its offer of local reads, else None."""
     loop = asyncio.get_running_loop()
     host, port = parse_address(address)
     addr: Any = route
@@ -179,15 +175,14 @@ async def open_data_socket(
         shared = share and answers[3].status == 0
         if share and not shared:
             log.info("replica %s: data through its socket (%s)", address, answers[3].message)
-        local = None
+        offer = None
         if shared:
             pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-            local = (pid, NO_OFFER, NO_OFFER, 0)
-            if len(answers[3].payload) == 16:
-                head, page, gen, _ = struct.unpack("<4I", answers[3].payload)
-                local = (pid, head, page, gen)
+            offer = ne.LocalOffer(pid)
+            if len(answers[3].payload) == 16:  # head file fd, page fd, generation, 0
+                offer = ne.LocalOffer(pid, *struct.unpack("<3I", answers[3].payload[:12]))
         sock.setblocking(True)  # io_uring polls for it; O_NONBLOCK would return EAGAIN
-        return sock, shared, local
+        return sock, shared, offer
     except BaseException as e:
         sock.close()
         if isinstance(e, (OSError, TimeoutError, p.ProtocolError)) and not isinstance(
@@ -311,7 +306,7 @@ class NativeReplicator(Replicator):
                     mode == Mode.RW,
                     m.data_shared,
                     m.address,
-                    m.data_local,
+                    m.data_offer,
                 )
             )
         else:
@@ -322,7 +317,7 @@ class NativeReplicator(Replicator):
         await super()._open(m)
         m.close_data()
         route = m.client.route if m.client is not None else None
-        m.data_sock, m.data_shared, m.data_local = await open_data_socket(
+        m.data_sock, m.data_shared, m.data_offer = await open_data_socket(
             m.address, m.key, m.uuid, self.timeout, route, self._shm_fd
         )
 

@@ -293,12 +293,12 @@ def test_a_replica_that_cannot_share_gets_data_through_its_socket(
     c = Cluster(tmp_path, replicas=1, sockets=frozenset({0}))
     try:
         c.start_replica(0)
-        sock, shared, local = asyncio.run(
+        sock, shared, offer = asyncio.run(
             open_data_socket(c.replica_addresses[0], 1 << 32, None, 10, str(c.socket_path(0)),
                              memfd[0])
         )  # fmt: skip
         with sock:
-            assert shared is False and local is None
+            assert shared is False and offer is None
             r = Raw(sock)
             assert r.call(Op.WRITE, 0, 4096, payload=b"x" * 4096).status == 0  # it is OPEN
             assert r.call(Op.READ, 0, 4096).payload == b"x" * 4096
