@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +78,12 @@ class Sample:
     runtime_s: float
     fio_cpu_s: float
     server_cpu_s: float
+    # The machine around the run (Machine.since): share of the run's time in which some
+    # task waited for the disk, and share of CPU time the hypervisor took. High values mean
+    # the disk (writeback of earlier runs, or a server's own syncs) or the host set the pace,
+    # not the CPU paths this benchmark compares.
+    io_pressure_pct: float = float("nan")
+    steal_pct: float = float("nan")
 
     @property
     def server_us_per_io(self) -> float:
@@ -96,6 +103,37 @@ class Sample:
 
 class FioError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A snapshot of machine-wide counters: IO pressure (PSI "some", s), CPU steal and
+    all CPU time (clock ticks), and the wall clock."""
+
+    io_some_s: float
+    steal: int
+    cpu_total: int
+    wall: float
+
+    @classmethod
+    def now(cls) -> Machine:
+        io = float("nan")
+        try:  # "some avg10=0.00 avg60=0.00 avg300=0.00 total=N" (us); absent without PSI
+            line = Path("/proc/pressure/io").read_text().splitlines()[0]
+            io = int(line.rsplit("total=", 1)[1]) / 1e6
+        except (OSError, IndexError, ValueError):
+            pass
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        return cls(io, ticks[7] if len(ticks) > 7 else 0, sum(ticks[:8]), time.monotonic())
+
+    def since(self, before: Machine) -> tuple[float, float]:
+        """(IO pressure %, steal %) between before and this snapshot."""
+        wall = self.wall - before.wall
+        io = 100 * (self.io_some_s - before.io_some_s) / wall if wall > 0 else float("nan")
+        cpu = self.cpu_total - before.cpu_total
+        steal = 100 * (self.steal - before.steal) / cpu if cpu > 0 else float("nan")
+        return io, steal
 
 
 def run_fio(fio: Path, args: list[str], out: Path, timeout: float) -> dict:
@@ -132,9 +170,10 @@ def measure(fio: Path, ep: Endpoint, wl: Workload, runtime: float, out: Path) ->
         "--lat_percentiles=1",  # percentiles of total latency (submit to completion)
     ]
     pids = ep.server_pids()
-    before = cpu_seconds(pids)
+    machine, before = Machine.now(), cpu_seconds(pids)
     job = run_fio(fio, args, out, timeout=runtime + 120)
     server = cpu_seconds(pids) - before
+    io_pressure, steal = Machine.now().since(machine)
     dirs = [job[d] for d in ("read", "write") if job[d]["total_ios"]]
     ios = sum(d["total_ios"] for d in dirs)
     if not ios:
@@ -151,6 +190,8 @@ def measure(fio: Path, ep: Endpoint, wl: Workload, runtime: float, out: Path) ->
         # usr_cpu/sys_cpu are percentages of one CPU over the job's runtime.
         fio_cpu_s=(job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime_s,
         server_cpu_s=server,
+        io_pressure_pct=io_pressure,
+        steal_pct=steal,
     )
 
 

@@ -36,6 +36,18 @@ def medians(results: dict[str, dict[str, list[Sample]]]) -> Medians:
     return out
 
 
+def spreads(results: dict[str, dict[str, list[Sample]]]) -> dict[str, dict[str, float]]:
+    """workload -> column -> how far its rounds' IOPS lie apart: (max - min) / median, in %.
+    A ratio between two columns whose spreads exceed their difference is within the noise."""
+    out: dict[str, dict[str, float]] = {}
+    for wl, cols in results.items():
+        for col, samples in cols.items():
+            iops = [s.iops for s in samples]
+            mid = statistics.median(iops)
+            out.setdefault(wl, {})[col] = 100 * (max(iops) - min(iops)) / mid if mid else math.nan
+    return out
+
+
 def ratio(med: Medians, wl: str, col: str, ref: str, metric: str = "iops") -> float | None:
     a, b = med.get(wl, {}).get(col), med.get(wl, {}).get(ref)
     if a is None or b is None or not b[metric]:
@@ -160,6 +172,7 @@ def print_tables(
     rat: dict[str, dict[str, dict[str, float]]],
     columns: Sequence[str],
     rounds: int,
+    spread: dict[str, dict[str, float]],
 ) -> None:
     # Only references some Tandem column was compared with.
     refs = [
@@ -172,7 +185,16 @@ def print_tables(
             title=f"{wl}  (median of {rounds} round{'s' * (rounds > 1)})", title_justify="left"
         )
         t.add_column("target")
-        for head in ("IOPS", "MiB/s", "lat mean µs", "lat p99 µs", "srv µs/IO", "srv+fio µs/IO"):
+        heads = (
+            "IOPS",
+            "spread",
+            "MiB/s",
+            "lat mean µs",
+            "lat p99 µs",
+            "srv µs/IO",
+            "srv+fio µs/IO",
+        )
+        for head in heads:
             t.add_column(head, justify="right")
         for r in refs:
             t.add_column(f"x {r}", justify="right")
@@ -182,6 +204,7 @@ def print_tables(
                 continue
             cells = [
                 _num(m["iops"]),
+                f"{_num(spread[wl][col])}%" if rounds > 1 else "",
                 _num(m["mib_s"], 1),
                 _num(m["lat_mean_us"], 1),
                 _num(m["lat_p99_us"], 1),
@@ -191,6 +214,27 @@ def print_tables(
             cells += [_ratio_cell(rat.get(wl, {}).get(col, {}).get(r)) for r in refs]
             t.add_row(col, *cells, style="bold" if col.startswith("tandem-") else None)
         console.print(t)
+
+
+def print_machine(console: Console, results: dict[str, dict[str, list[Sample]]]) -> None:
+    """How disturbed the machine was during the fio runs (see Sample): the median run and
+    the worst one, for IO pressure and CPU steal."""
+    runs = [
+        (s, f"{wl} round {i + 1} {col}")
+        for wl, cols in results.items()
+        for col, samples in cols.items()
+        for i, s in enumerate(samples)
+    ]
+    parts = []
+    for label, key in (("IO pressure", "io_pressure_pct"), ("CPU steal", "steal_pct")):
+        seen = [(getattr(s, key), where) for s, where in runs if not math.isnan(getattr(s, key))]
+        if not seen:
+            continue
+        worst = max(seen)
+        mid = statistics.median(v for v, _ in seen)
+        parts.append(f"{label} median {mid:.0f}%, highest {worst[0]:.0f}% ({worst[1]})")
+    if parts:
+        console.print("During the fio runs: " + "; ".join(parts), highlight=False)
 
 
 def _ratio_cell(r: float | None) -> str:

@@ -117,6 +117,8 @@ class Run:
     deployments: list[Deployment] = field(default_factory=list)
     not_run: dict[str, str] = field(default_factory=dict)  # column -> why it has no results
     errors: dict[str, str] = field(default_factory=dict)
+    settle_s: float = 0.0  # spent writing back dirty pages between runs (settle)
+    unsettled: bool = False
 
     def plan(self, feats: TandemFeatures) -> list[Endpoint]:
         """Create (not start) the deployments the selection needs; say why others are out."""
@@ -218,6 +220,7 @@ class Run:
                     if ep.name in self.errors:
                         continue
                     out = self.tmp / f"fio-{wl.name}-{ep.name}-{rnd}.json"
+                    self.settle()
                     try:
                         s = fio_mod.measure(fios[ep.protocol], ep, wl, runtime, out)
                     except FioError as e:
@@ -233,12 +236,27 @@ class Run:
                         f"[{done:>3}/{total}] {wl.name:<18} round {rnd + 1}/{rounds} "
                         f"{ep.name:<18} {s.iops:>9,.0f} IOPS {s.mib_s:>8.1f} MiB/s "
                         f"lat {s.lat_mean_us:>8.1f} µs  CPU srv {s.server_us_per_io:>6.1f} "
-                        f"+ fio {s.total_us_per_io - s.server_us_per_io:>5.1f} µs/IO",
+                        f"+ fio {s.total_us_per_io - s.server_us_per_io:>5.1f} µs/IO  "
+                        f"io-psi {s.io_pressure_pct:>3.0f}% steal {s.steal_pct:>2.0f}%",
                         highlight=False,
                     )
         for name, err in self.errors.items():
             self.not_run.setdefault(name, f"failed: {err[:200]}")
+        self.console.print(f"writing back dirty pages between runs took {self.settle_s:.0f} s")
         return results
+
+    def settle(self) -> None:
+        """Write back the dirty pages on the servers' filesystem before a run, so that every
+        run starts from none: the writeback of the preconditioning or of earlier write runs
+        would otherwise land on whichever target runs next (on a slow disk it held IO
+        pressure at 60-90% through whole runs). The wait is not measured."""
+        t0 = time.monotonic()
+        r = subprocess.run(["sync", "-f", str(self.tmp)], capture_output=True, timeout=600)
+        if r.returncode:  # say so once; the runs go on unsettled
+            if not self.unsettled:
+                self.console.print(f"[yellow]sync -f failed: {r.stderr.decode().strip()}[/]")
+            self.unsettled = True
+        self.settle_s += time.monotonic() - t0
 
     def stop(self) -> None:
         for d in reversed(self.deployments):
@@ -291,8 +309,10 @@ def run_io_suite(run: Run) -> tuple[dict[str, Any], report.Medians, list[str]]:
     rat = report.ratios(med, protocols)
     goals = report.evaluate_goals(med, feats.engines, run.not_run)
     columns = [e.name for e in endpoints]
-    report.print_tables(console, med, rat, columns, args.rounds)
+    spread = report.spreads(results)
+    report.print_tables(console, med, rat, columns, args.rounds, spread)
     report.print_goals(console, goals)
+    report.print_machine(console, results)
     doc = {
         "columns": {
             e.name: {
@@ -310,7 +330,11 @@ def run_io_suite(run: Run) -> tuple[dict[str, Any], report.Medians, list[str]]:
         "workload_definitions": {w.name: asdict(w) for w in workloads},
         "workloads": {
             wl: {
-                col: {"median": med[wl][col], "rounds": [s.as_dict() for s in samples]}
+                col: {
+                    "median": med[wl][col],
+                    "spread_pct": spread[wl][col],
+                    "rounds": [s.as_dict() for s in samples],
+                }
                 for col, samples in cols.items()
             }
             for wl, cols in results.items()
