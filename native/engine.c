@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -926,6 +927,41 @@ static int poll_ring(struct engine *e, uint64_t due)
     return found;
 }
 
+#ifndef IORING_ENTER_NO_IOWAIT /* Linux 6.15; liburing before 2.10 lacks the names */
+#define IORING_ENTER_NO_IOWAIT (1U << 7)
+#endif
+#ifndef IORING_FEAT_NO_IOWAIT
+#define IORING_FEAT_NO_IOWAIT (1U << 17)
+#endif
+
+/* Submit what is queued and sleep until a completion or the timeout (ts, or none): what
+ * io_uring_submit_and_wait_timeout does, but not counted as iowait where the kernel lets us
+ * say so (IORING_ENTER_NO_IOWAIT). The kernel counts a thread sleeping on its ring with a
+ * request pending as waiting for IO, and this loop always has one (a receive, the command
+ * eventfd): an idle volume kept the machine's IO pressure (PSI) near 100% and a CPU in
+ * iowait, which monitoring reads as a stalled disk. Its sleeps wait for sockets far more
+ * than for disks. (The flag also ends the cpufreq boost iowait gives; the loop polls at
+ * queue depth 1 instead, see poll_ring.) The submission is liburing's own: publish the
+ * tail, then enter. */
+static void ring_wait(struct engine *e, struct __kernel_timespec *ts)
+{
+    unsigned need = IORING_FEAT_NO_IOWAIT | IORING_FEAT_EXT_ARG;
+    if ((e->ring_features & need) != need) {
+        struct io_uring_cqe *cqe;
+        io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, ts, NULL);
+        return;
+    }
+    struct io_uring_sq *sq = &e->ring.sq;
+    if (sq->sqe_head != sq->sqe_tail) {
+        sq->sqe_head = sq->sqe_tail;
+        io_uring_smp_store_release(sq->ktail, sq->sqe_tail);
+    }
+    unsigned submit = sq->sqe_tail - IO_URING_READ_ONCE(*sq->khead);
+    struct io_uring_getevents_arg arg = {.ts = (uint64_t)(uintptr_t)ts};
+    unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG | IORING_ENTER_NO_IOWAIT;
+    syscall(__NR_io_uring_enter, e->ring.ring_fd, submit, 1, flags, &arg, sizeof(arg));
+}
+
 static void *engine_main(void *arg)
 {
     struct engine *e = arg;
@@ -962,8 +998,7 @@ static void *engine_main(void *arg)
                 ts.tv_nsec = (long long)(d % 1000000000ull);
                 tsp = &ts;
             }
-            struct io_uring_cqe *cqe;
-            io_uring_submit_and_wait_timeout(&e->ring, &cqe, 1, tsp, NULL);
+            ring_wait(e, tsp);
         }
         for (;;) {
             unsigned n = io_uring_peek_batch_cqe(&e->ring, cqes, 256);
@@ -1248,6 +1283,8 @@ void tandem_engine_set_poll(tandem_engine *e, uint64_t ns)
 }
 
 struct tandem_poll_stats *tandem_engine_poll_stats(tandem_engine *e) { return &e->poll; }
+
+unsigned tandem_engine_ring_features(tandem_engine *e) { return e->ring_features; }
 
 /* --- the target side ----------------------------------------------------------------------- */
 

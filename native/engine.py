@@ -58,6 +58,8 @@ FAULT_SLOTS = ("read", "write", "flush", "unmap", "write_zeroes", "checksum", "*
 _BATCH = 256
 
 
+# IORING_FEAT_NO_IOWAIT (Linux 6.15): the engine's sleeps are not counted as iowait.
+NO_IOWAIT_FEATURE = 1 << 17
 NO_OFFER = 0xFFFFFFFF  # in place of a fd number: no local reads (tandem.h TANDEM_NO_OFFER)
 
 
@@ -378,6 +380,11 @@ class Engine:
         if microseconds < 0:
             raise ValueError("the poll time cannot be negative")
         lib.tandem_engine_set_poll(self._live, microseconds * 1000)
+
+    @property
+    def ring_features(self) -> int:
+        """The IORING_FEAT_* bits of the engine's ring (NO_IOWAIT_FEATURE among them)."""
+        return int(lib.tandem_engine_ring_features(self._live))
 
     def poll_stats(self) -> dict[str, Any]:
         """Polls that found work, polls that gave up and slept, seconds spent polling."""

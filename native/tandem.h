@@ -110,6 +110,8 @@ struct tandem_poll_stats {
 };
 void tandem_engine_set_poll(tandem_engine *e, uint64_t ns);
 struct tandem_poll_stats *tandem_engine_poll_stats(tandem_engine *e);
+/* The IORING_FEAT_* bits of the engine's ring, as the kernel reported them. */
+unsigned tandem_engine_ring_features(tandem_engine *e);
 
 /* Start an engine (its thread and io_uring). NULL with *err = -errno on failure. */
 tandem_engine *tandem_engine_new(int *err);
