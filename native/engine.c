@@ -959,6 +959,8 @@ static void ring_wait(struct engine *e, struct __kernel_timespec *ts)
     unsigned submit = sq->sqe_tail - IO_URING_READ_ONCE(*sq->khead);
     struct io_uring_getevents_arg arg = {.ts = (uint64_t)(uintptr_t)ts};
     unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG | IORING_ENTER_NO_IOWAIT;
+    /* errors (ETIME, EINTR, EBUSY, EAGAIN) are dropped, as the loop did liburing's: it
+     * reaps what is there and comes back */
     syscall(__NR_io_uring_enter, e->ring.ring_fd, submit, 1, flags, &arg, sizeof(arg));
 }
 
