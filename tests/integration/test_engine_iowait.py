@@ -13,28 +13,25 @@ import pytest
 
 import native
 from native import engine as ne
+from perf.fio import Machine
 from replica.client import ReplicaClient
 from replica.native_server import NativeReplicaServer
 from replica.store import ReplicaStore
 
-PSI_IO = Path("/proc/pressure/io")
-
 pytestmark = [
     pytest.mark.skipif(native.engine_unavailable() is not None, reason="no native engine"),
-    pytest.mark.skipif(not PSI_IO.exists(), reason="needs pressure stall information (PSI)"),
+    pytest.mark.skipif(
+        not Path("/proc/pressure/io").exists(), reason="needs pressure stall information (PSI)"
+    ),
 ]
 
 
-def io_stalled_s() -> float:
-    """Seconds in which some task on this machine waited for IO ("some ... total=us")."""
-    return int(PSI_IO.read_text().splitlines()[0].rsplit("total=", 1)[1]) / 1e6
-
-
 def io_pressure(seconds: float) -> float:
-    """The share of the next `seconds` in which some task here waited for IO."""
-    start, t0 = io_stalled_s(), time.monotonic()
+    """The share of the next `seconds` in which some task here waited for IO (the
+    benchmark's reading of /proc/pressure/io)."""
+    before = Machine.now()
     time.sleep(seconds)
-    return (io_stalled_s() - start) / (time.monotonic() - t0)
+    return Machine.now().since(before)[0] / 100
 
 
 def test_an_idle_engine_is_not_counted_as_waiting_for_io(tmp_path: Path) -> None:
