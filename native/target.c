@@ -1132,7 +1132,10 @@ static void msub_send(struct vol *vol, struct vio *v, int slot, uint64_t now)
     conn_get(mc->c);
     int first = list_empty(&mc->inflight);
     list_add_tail(&mc->inflight, &s->link);
-    if (first && !mc->dl.armed)
+    /* A timer left armed while idle (it is not cancelled per answer) may be due later than
+     * this request's deadline: after the deadline was shortened, it would drop a hung
+     * member late. One due sooner is fine: it re-arms itself for the oldest request. */
+    if (first && (!mc->dl.armed || mc->dl.when > now + mc->deadline_ns))
         timer_arm(vol->e, &mc->dl, mc->deadline_ns);
     vol->st->member_requests++;
     conn_send(mc->c, &s->sb);

@@ -647,6 +647,12 @@ class Replicator:
         # From here on it receives every write; what it missed until then is in m.missed.
         self._set_mode(m, Mode.WO)
         await self._receiving(m)
+        # A write in flight when m failed records its miss only once the write's other
+        # members answered (the engine drops m at its first failure, then marks its map when
+        # the write ends): wait for the writes in flight, or their ranges could be missing
+        # from the copy below while m is promoted without them.
+        async with self._ranges.exclusive(0, self._size):
+            pass
         ranges = (
             merge_ranges(m.missed.ranges() + own)
             if incremental and m.missed is not None

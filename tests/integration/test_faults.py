@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -10,7 +11,8 @@ import time
 import nbd
 import pytest
 
-from tests.procs import Cluster
+from replica.client import ReplicaClient
+from tests.procs import HOST, Cluster, http_json
 
 BLOCK = 4096
 
@@ -262,6 +264,79 @@ def test_hung_replica_is_dropped_after_its_deadline(cluster: Cluster) -> None:
     finally:
         cluster.replicas[0].signal(signal.SIGCONT)
     w.verify(h)
+
+
+def read_replica(c: Cluster, i: int, offset: int, length: int) -> bytes:
+    """What replica i itself holds, read over its own data port."""
+
+    async def run() -> bytes:
+        client = ReplicaClient(f"{HOST}:{c.replica_ports[i][0]}", timeout=10)
+        await client.connect()
+        try:
+            return await client.read(offset, length)
+        finally:
+            client.close()
+
+    return asyncio.run(run())
+
+
+def test_a_write_in_flight_at_a_drop_is_rebuilt_on_a_quick_rejoin(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A write fails on replica 0 and waits 3 s for replica 2. Replica 0 is dropped at once
+    (the native engine) and rejoins within a second; the write's miss is known only when
+    it ends. Its rebuild must still copy that write before replica 0 is RW again."""
+    c = make_cluster(replicas=3, timeout=5.0, replica_args=("--debug-api",)).start()
+    c.wait_modes(["RW", "RW", "RW"])
+
+    def fault(i: int, action: str, arg: float) -> None:
+        body = {"name": "replica.write", "action": action, "arg": arg, "count": 1}
+        http_json(f"http://{HOST}:{c.replica_ports[i][1]}/v1/debug/faults", "PUT", body)
+
+    h = connect(c.uri)
+    off, n = 1 << 20, 64 << 10
+    old, new = os.urandom(n), os.urandom(n)
+    h.pwrite(old, off)
+    fault(0, "fail", 5)  # EIO: replica 0 is dropped
+    fault(2, "delay", 3.0)  # the write waits for replica 2 (its deadline is 5 s)
+    t0 = time.monotonic()
+    h.pwrite(new, off)  # acknowledged by replicas 1 and 2
+    assert time.monotonic() - t0 >= 2.9  # the delay took effect
+    c.wait_modes(["RW", "RW", "RW"], timeout=60)
+    r0 = next(r for r in c.status()["replicas"] if r["address"] == c.replica_addresses[0])
+    assert r0["rebuilds"] >= 1
+    assert read_replica(c, 0, off, n) == new
+    assert h.pread(n, off) == new
+
+
+def test_a_deadline_shortened_while_idle_holds_for_the_next_request(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A write while replica 0 is out gives replicas 1 and 2 the long deadline of the bare
+    quorum (10 s here); once replica 0 is back, the short one (1 s) holds again, also for the
+    first request after an idle spell: replica 1's writes hang (its pings do not, so the
+    target's keepalive does not catch it) and it is dropped after about 1 s."""
+    c = make_cluster(replicas=3, timeout=1.0, replica_args=("--debug-api",))
+    for i in range(3):
+        c.start_replica(i)
+    c.start_target(extra=["--replica-timeout-last", "10"])
+    c.wait_modes(["RW", "RW", "RW"])
+    faults = f"http://{HOST}:{c.replica_ports[1][1]}/v1/debug/faults"
+    h = connect(c.uri)
+    data = os.urandom(BLOCK)
+    c.replicas[0].kill9()
+    h.pwrite(data, 0)  # replica 0 is dropped
+    c.wait_modes(["ERR", "RW", "RW"])
+    time.sleep(1.5)  # nothing in flight on replica 1 for longer than its old deadline
+    h.pwrite(data, BLOCK)  # replicas 1 and 2 are the bare quorum: 10 s
+    c.start_replica(0)
+    c.wait_modes(["RW", "RW", "RW"], timeout=30)
+    http_json(faults, "PUT", {"name": "replica.write", "action": "hang", "arg": 0, "count": None})
+    try:
+        t0 = time.monotonic()
+        h.pwrite(data, 2 * BLOCK)
+        elapsed = time.monotonic() - t0
+        assert c.modes()[1] == "ERR"
+        assert elapsed < c.timeout + 2, f"the hung replica was dropped after {elapsed:.1f}s"
+    finally:
+        http_json(faults, "DELETE")
+    assert h.pread(3 * BLOCK, 0) == data * 3
 
 
 def test_cli_status_shows_modes(cluster: Cluster) -> None:
