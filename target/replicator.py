@@ -83,6 +83,9 @@ class Member:
     backoff: float = BACKOFF_FIRST
     next_try: float = 0.0
     rebuilds: int = 0
+    # Its promotion is storing the current generation on it: a drop now needs a bump, as
+    # for an RW member (it may hold that generation without the write it missed).
+    promoting: bool = False
     # Held while a rejoin runs: the heal loop and the API must not both probe and open it
     # (the second probe closed the first's connection under it).
     joining: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -310,6 +313,7 @@ class Replicator:
 
     async def _promoting(self, m: Member) -> None:
         """m is about to get the current generation (its drop needs a bump from now on)."""
+        m.promoting = True
 
     async def _settled(self) -> None:
         """Before a generation bump reads the RW set: every drop so far is known."""
@@ -323,7 +327,7 @@ class Replicator:
             if not self._stable.is_set():
                 await self._stable.wait()
             return
-        was_rw = m.mode == Mode.RW
+        was_rw = m.mode == Mode.RW or m.promoting
         if was_rw:  # it was complete: from now on we know exactly what it misses
             m.missed, m.missed_since = RegionMap(self._size), m.generation
         self._set_mode(m, Mode.ERR, str(why))
@@ -666,17 +670,25 @@ class Replicator:
         self._spawn(self._rebuild(m, ranges))
 
     async def _rebuild(self, m: Member, ranges: list[tuple[int, int]]) -> None:
-        progress = m.rebuild
-        assert progress is not None
+        progress, client = m.rebuild, m.client
+        assert progress is not None and client is not None
         crash_point("rebuild.after_wo")
         half = progress.total // 2
+
+        def ours() -> bool:
+            """m is still the WO member this rebuild began for. A drop and a rejoin start
+            another rebuild (with its own ranges: what m missed meanwhile too); this one,
+            its workers asleep in the rate limiter, must then neither copy nor promote."""
+            return m.mode == Mode.WO and m.rebuild is progress and m.client is client
 
         async def work(batch: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
             pieces = [piece for _, _, ps in batch for piece in ps]
             step = sum(b - a for a, b in pieces)
             await self.limiter.take(step)
+            if not ours():
+                raise MediumError("rebuilding replica went away")
             async with self._ranges.exclusive_many([(a, b) for a, b, _ in batch]):
-                await self._copy_to(m, pieces, progress)
+                await self._copy_to(m, client, pieces, progress)
             progress.done += step
             if progress.done >= half > progress.done - step:
                 crash_point("rebuild.mid_copy")
@@ -684,20 +696,25 @@ class Replicator:
         try:
             await run_workers(batches(windows(ranges)), work)
             copied_at = time.monotonic()
-            if m.mode != Mode.WO or m.client is None:
+            if not ours():
                 return
             src = self._reader()
             if src is None or src.client is None:
                 raise MediumError("no current replica to copy attributes from")
-            await self._copy_attrs(src.client, m.client)
-            await m.client.flush()
+            await self._copy_attrs(src.client, client)
+            await client.flush()
             crash_point("rebuild.before_generation")
             async with self._membership:
-                if m.mode != Mode.WO or m.client is None:
+                if not ours():
                     return
                 await self._promoting(m)
-                await m.client.set_generation(self.generation)
+                try:
+                    await client.set_generation(self.generation)
+                finally:
+                    m.promoting = False
                 crash_point("rebuild.after_generation")
+                if not ours():
+                    return  # dropped meanwhile: it stays ERR, its rejoin rebuilds it
                 m.generation = self.generation
                 m.missed = m.missed_since = None
                 m.rebuild = None
@@ -717,27 +734,30 @@ class Replicator:
                 progress.copied,
             )
         except (BlockError, OSError) as e:
-            if m.mode != Mode.ERR:
+            if ours():
                 await self._drop(m, f"rebuild failed: {e}")
 
-    async def _copy_to(self, m: Member, pieces: list[tuple[int, int]], progress: Progress) -> None:
-        """m pulls the pieces from a current replica and verifies them; a failing source is
-        dropped and another tried, a failing destination fails the rebuild."""
+    async def _copy_to(
+        self, m: Member, client: ReplicaClient, pieces: list[tuple[int, int]], progress: Progress
+    ) -> None:
+        """m (through client, its connection when the rebuild began) pulls the pieces from a
+        current replica and verifies them; a failing source is dropped and another tried, a
+        failing destination fails the rebuild."""
         while True:
             src = self._reader()
             if src is None or src.client is None:
                 raise MediumError("no current replica to rebuild from")
-            if m.client is None:
+            if m.client is not client:
                 raise MediumError("rebuilding replica went away")
             ranges = [(a, b - a) for a, b in pieces]
             try:
-                stats = await m.client.copy_from(
+                stats = await client.copy_from(
                     src.address, ranges, deadline=copy_deadline(sum(n for _, n in ranges))
                 )
                 progress.copied += stats["copied"]
                 return
             except BlockError as e:
-                if e.errno != errno.EREMOTEIO or m.client is None or not m.client.connected:
+                if e.errno != errno.EREMOTEIO or m.client is not client or not client.connected:
                     raise
                 await self._drop(src, e)  # the source failed: try another
 

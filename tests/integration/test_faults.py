@@ -339,6 +339,36 @@ def test_a_deadline_shortened_while_idle_holds_for_the_next_request(make_cluster
     assert h.pread(3 * BLOCK, 0) == data * 3
 
 
+def test_a_rebuild_cut_short_by_a_drop_never_promotes_the_rejoined_replica(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """Replica 0 rebuilds 160 MiB at 16 MiB/s in three COPY_FROMs (64, 64, 32 MiB): the
+    first at once, the next after 4 s, the last after 6 s or more, its worker asleep in the
+    rate limiter. It is dropped at 5 s and rejoins; meanwhile a write lands at the volume's end,
+    which only the new rebuild copies (last). The old rebuild, woken, must not promote the
+    replica when its own ranges are done: it is RW only once it holds that write too."""
+    c = make_cluster(size=256 << 20, replicas=3, replica_args=("--debug-api",))
+    for i in range(3):
+        c.start_replica(i)
+    c.start_target(extra=["--rebuild-rate", "16M"])
+    c.wait_modes(["RW", "RW", "RW"])
+    h = connect(c.uri)
+    piece = 1 << 20
+    c.replicas[0].kill9()
+    blob = os.urandom(piece)
+    for off in range(0, 160 << 20, piece):  # replica 0 misses these
+        h.pwrite(blob, off)
+    c.start_replica(0)
+    c.wait_modes(["WO", "RW", "RW"])
+    time.sleep(5.0)
+    body = {"name": "replica.write", "action": "fail", "arg": 5, "count": 1}
+    http_json(f"http://{HOST}:{c.replica_ports[0][1]}/v1/debug/faults", "PUT", body)
+    h.pwrite(os.urandom(BLOCK), 0)  # replica 0 fails it and is dropped (it was WO)
+    assert c.modes()[0] == "ERR"
+    late_off, late = c.size - BLOCK, os.urandom(BLOCK)
+    h.pwrite(late, late_off)  # while it is out: only the next rebuild copies this
+    c.wait_modes(["RW", "RW", "RW"], timeout=60)
+    assert read_replica(c, 0, late_off, BLOCK) == late
+
+
 def test_cli_status_shows_modes(cluster: Cluster) -> None:
     import subprocess
     import sys
