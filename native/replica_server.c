@@ -131,6 +131,7 @@ struct rstore {
     uint64_t iregion;
     double clock0;
     uint64_t *markseq; /* per region: the mark's sequence number (0: durable at load) */
+    uint32_t *ibusyr;  /* per region: mutations started and not yet answered */
     uint64_t mark_seq, durable_seq, isub_seq;
     int ibusy, iwant_write, iwant_sync, isub_sync, iparts, ierr;
     uint8_t *ibuf;
@@ -279,6 +280,7 @@ struct rop {
     const char *what;
     int phase;
     uint64_t need; /* write-intent sequence this request waits to be durable */
+    uint64_t ir0, ir1; /* the write-intent regions it holds busy (ir0 == ir1: none) */
     double fstart;
     uint8_t *data;  /* WRITE payload or READ/CHECKSUM buffer */
     uint8_t *edges; /* two blocks for read-modify-write */
@@ -864,7 +866,10 @@ static int intent_prepare(struct rstore *s, struct rop *op)
         r1 = s->icount;
     uint32_t now = intent_now(s);
     uint64_t need = 0;
+    op->ir0 = r0;
+    op->ir1 = r1;
     for (uint64_t r = r0; r < r1; r++) {
+        s->ibusyr[r]++;
         s->touch[r] = now;
         if (!s->marked[r]) {
             s->marked[r] = 1;
@@ -902,7 +907,8 @@ static void intent_flushed(struct rstore *s, double flush_started)
     int changed = 0;
     for (uint32_t r = 0; r < s->icount; r++) {
         /* a mark not yet durable belongs to a write still waiting for it */
-        if (s->marked[r] && (double)s->touch[r] < horizon && s->markseq[r] <= s->durable_seq) {
+        if (s->marked[r] && !s->ibusyr[r] && (double)s->touch[r] < horizon &&
+            s->markseq[r] <= s->durable_seq) {
             s->marked[r] = 0;
             changed = 1;
         }
@@ -1171,12 +1177,28 @@ static void op_release(struct sendbuf *b)
     free(op);
 }
 
+/* A mutation is answered: its regions may be cleared by a flush that starts from now on.
+ * Not before: one still in flight, or done after a flush's fsync began, may not be on disk
+ * when that flush completes (mutations run beside other requests' flushes). */
+static void intent_release(struct rstore *s, struct rop *op)
+{
+    if (op->ir0 == op->ir1 || !s->ibusyr)
+        return;
+    uint32_t now = intent_now(s);
+    for (uint64_t r = op->ir0; r < op->ir1; r++) {
+        s->ibusyr[r]--;
+        s->touch[r] = now;
+    }
+    op->ir0 = op->ir1 = 0;
+}
+
 static void op_complete(struct rop *op)
 {
     struct rstore *s = op->s;
     struct rconn *rc = op->rc;
     list_del(&op->alink);
     s->running--;
+    intent_release(s, op);
     uint32_t status = 0;
     if (op->err) {
         int err = -op->err;
@@ -2094,13 +2116,17 @@ int replica_setup(struct engine *e, uint64_t size, uint64_t epoch, int intent_fd
         if (count != s->icount || !s->markseq) {
             /* a new geometry (resize): only ever while paused, so no intent I/O in flight */
             free(s->markseq);
+            free(s->ibusyr);
             free(s->ibuf);
             s->markseq = calloc(count, sizeof(uint64_t));
+            s->ibusyr = calloc(count, sizeof(uint32_t));
             s->ibuf = malloc(24 + (size_t)count);
-            if (!s->markseq || !s->ibuf) {
+            if (!s->markseq || !s->ibusyr || !s->ibuf) {
                 free(s->markseq);
+                free(s->ibusyr);
                 free(s->ibuf);
                 s->markseq = NULL;
+                s->ibusyr = NULL;
                 s->ibuf = NULL;
                 s->ifd = -1;
                 s->icount = 0;
@@ -2224,6 +2250,7 @@ void replica_free(struct engine *e)
     if (!s)
         return;
     free(s->markseq);
+    free(s->ibusyr);
     free(s->ibuf);
     free(s->zeros);
     if (s->lw) {

@@ -83,16 +83,24 @@ class WriteIntent:
     def before_writes(self, ranges: list[tuple[int, int]]) -> None:
         """before_write for many (offset, length) ranges with one sync: a rebuild about to
         copy scattered pieces marks their regions at once, not one fdatasync per region."""
-        now, fresh = self._now(), False
+        now = self._now()
+        undo: list[tuple[int, bytes]] = []
         for offset, length in ranges:
             r0 = offset // self.region
             r1 = max(r0 + 1, -(-(offset + length) // self.region))
             self._touch[r0:r1] = array("I", [now]) * (r1 - r0)
             if self.marked.find(0, r0, r1) != -1:
+                undo.append((r0, bytes(self.marked[r0:r1])))
                 self.marked[r0:r1] = b"\x01" * (r1 - r0)
-                fresh = True
-        if fresh:
-            self._save(sync=True)
+        if undo:
+            try:
+                self._save(sync=True)
+            except OSError:
+                # The marks are not durable: the next write there must mark and sync again
+                # (the engine shares this bitmap and would take them as done).
+                for r0, old in reversed(undo):
+                    self.marked[r0 : r0 + len(old)] = old
+                raise
 
     def flushed(self, flush_started: float) -> None:
         """After a flush that began at monotonic time flush_started completed: clear regions

@@ -122,3 +122,22 @@ def test_store_marks_writes_unmaps_and_clean_close_clears(tmp_path: Path) -> Non
     assert s.dirty_regions() == [(3 * MiB, MiB), (6 * MiB, MiB)]
     s.close(clean=True)
     assert ReplicaStore.open(tmp_path / "r").dirty_regions() == []
+
+
+def test_a_failed_sync_leaves_the_region_unmarked_so_the_next_write_syncs_again(
+    tmp_path: Path, syncs: list[int], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wi = WriteIntent(tmp_path / "i", 16 * MiB)
+    counting = os.fdatasync  # the syncs fixture's
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        wi.before_writes([(0, 10), (3 * MiB, 10), (0, 2 * MiB)])
+    assert wi.marked[:4] == bytes(4)  # rolled back: nothing claims to be durable
+    monkeypatch.setattr(os, "fdatasync", counting)
+    wi.before_write(100, 10)
+    assert len(syncs) == 1  # marked and synced this time
+    assert wi.ranges() == [(0, MiB)]
