@@ -1163,10 +1163,16 @@ static void mconn_kill(struct mconn *mc, const char *why)
     struct conn *c = mc->c;
     conn_get(c);
     conn_abort(c);
-    const char *addr = vol->m[mc->slot].addr;
+    struct member *m = &vol->m[mc->slot];
+    const char *addr = m->addr;
     while (!list_empty(&mc->inflight)) {
         struct msub *s = container_of(mc->inflight.next, struct msub, link);
         list_del(&s->link);
+        /* What it misses is in its map from the drop on, not once the write's other members
+         * answer (a slow one can take its whole deadline): Python reads the map as soon as
+         * the member rejoins. */
+        if (s->v->op != TANDEM_VIO_READ && s->v->op != TANDEM_VIO_FLUSH)
+            mark(m, s->v->offset, s->v->length);
         if (s->shm)
             vbuf_hold(s->buf, mc->peer); /* the replica may still read or write it */
         s->fmsg = fmt("replica %s: %s", addr, why);
@@ -1617,10 +1623,14 @@ static void vio_member_result(struct vol *vol, struct vio *v, int slot, int stat
     free(v->rmsg[slot]);
     v->rmsg[slot] = msg;
     v->rgen[slot] = gen;
-    /* A failing member is dropped at once (refusals wait: all refusing is a bad request). */
-    if (status != 0 && status != EINVAL && m->mc && m->gen == gen &&
-        m->mode != TANDEM_MODE_ERR)
-        member_drop(vol, slot, msg ? msg : "write failed");
+    /* A failing member is dropped at once (refusals wait: all refusing is a bad request),
+     * and what it missed marked at once (see mconn_kill). */
+    if (status != 0 && status != EINVAL) {
+        if (m->mc && m->gen == gen && m->mode != TANDEM_MODE_ERR)
+            member_drop(vol, slot, msg ? msg : "write failed");
+        if (v->op != TANDEM_VIO_FLUSH)
+            mark(m, v->offset, v->length);
+    }
     if (--v->npend == 0)
         fan_done(vol, v);
 }

@@ -245,9 +245,11 @@ class Replicator:
         for m, r in zip(targets, results, strict=True):
             if isinstance(r, BaseException):
                 errors.append(r)  # failed, or refused what its peers accepted: diverged
-                await self._drop(m, r)
+                bump = self._drop_now(m, r)
+                # Marked before any wait: m may rejoin (and read its map) during the bump.
                 if m.missed is not None and length:
                     m.missed.mark(offset, length)
+                await self._dropped(bump)
             elif m.mode == Mode.RW:
                 ok += 1
         if ok < self.quorum:
@@ -323,17 +325,30 @@ class Replicator:
 
     async def _drop(self, m: Member, why: BaseException | str) -> None:
         """Mark m ERR, start recording what it misses, bump the survivors' generation."""
+        await self._dropped(self._drop_now(m, why))
+
+    def _drop_now(self, m: Member, why: BaseException | str) -> bool | None:
+        """_drop's first half, with no wait: m is ERR and records what it misses from here
+        on. Returns for _dropped: whether the survivors need a generation bump, or None
+        when m was ERR already."""
         if m.mode == Mode.ERR:
-            if not self._stable.is_set():
-                await self._stable.wait()
-            return
+            return None
         was_rw = m.mode == Mode.RW or m.promoting
         if was_rw:  # it was complete: from now on we know exactly what it misses
             m.missed, m.missed_since = RegionMap(self._size), m.generation
         self._set_mode(m, Mode.ERR, str(why))
         m.next_try = time.monotonic() + m.backoff
         log.warning("replica %s dropped: %s", m.address, why)
-        if was_rw:
+        return was_rw
+
+    async def _dropped(self, bump: bool | None) -> None:
+        """_drop's second half: bump the survivors' generation, or wait for the bump of an
+        earlier drop of the same member."""
+        if bump is None:
+            if not self._stable.is_set():
+                await self._stable.wait()
+            return
+        if bump:
             await self._bump_generation()
         if self.readonly and not self._closing:
             log.error("%s", self._quorum_message())
@@ -651,12 +666,8 @@ class Replicator:
         # From here on it receives every write; what it missed until then is in m.missed.
         self._set_mode(m, Mode.WO)
         await self._receiving(m)
-        # A write in flight when m failed records its miss only once the write's other
-        # members answered (the engine drops m at its first failure, then marks its map when
-        # the write ends): wait for the writes in flight, or their ranges could be missing
-        # from the copy below while m is promoted without them.
-        async with self._ranges.exclusive(0, self._size):
-            pass
+        if m.mode != Mode.WO or m.client is None:
+            raise MediumError(f"replica {m.address} was dropped while it rejoined")
         ranges = (
             merge_ranges(m.missed.ranges() + own)
             if incremental and m.missed is not None
@@ -671,9 +682,11 @@ class Replicator:
 
     async def _rebuild(self, m: Member, ranges: list[tuple[int, int]]) -> None:
         progress, client = m.rebuild, m.client
-        assert progress is not None and client is not None
+        if progress is None or client is None:
+            return  # dropped before it began (its next rejoin rebuilds it)
         crash_point("rebuild.after_wo")
         half = progress.total // 2
+        promoting = False  # this rebuild set m.promoting
 
         def ours() -> bool:
             """m is still the WO member this rebuild began for. A drop and a rejoin start
@@ -707,11 +720,12 @@ class Replicator:
             async with self._membership:
                 if not ours():
                     return
+                promoting = True
                 await self._promoting(m)
-                try:
-                    await client.set_generation(self.generation)
-                finally:
-                    m.promoting = False
+                # If this fails, m.promoting stays set until the drop below: it may hold
+                # the generation already, so its drop must bump the survivors'.
+                await client.set_generation(self.generation)
+                m.promoting = False
                 crash_point("rebuild.after_generation")
                 if not ours():
                     return  # dropped meanwhile: it stays ERR, its rejoin rebuilds it
@@ -736,6 +750,9 @@ class Replicator:
         except (BlockError, OSError) as e:
             if ours():
                 await self._drop(m, f"rebuild failed: {e}")
+        finally:
+            if promoting:
+                m.promoting = False
 
     async def _copy_to(
         self, m: Member, client: ReplicaClient, pieces: list[tuple[int, int]], progress: Progress
