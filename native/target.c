@@ -1163,16 +1163,10 @@ static void mconn_kill(struct mconn *mc, const char *why)
     struct conn *c = mc->c;
     conn_get(c);
     conn_abort(c);
-    struct member *m = &vol->m[mc->slot];
-    const char *addr = m->addr;
+    const char *addr = vol->m[mc->slot].addr;
     while (!list_empty(&mc->inflight)) {
         struct msub *s = container_of(mc->inflight.next, struct msub, link);
         list_del(&s->link);
-        /* What it misses is in its map from the drop on, not once the write's other members
-         * answer (a slow one can take its whole deadline): Python reads the map as soon as
-         * the member rejoins. */
-        if (s->v->op != TANDEM_VIO_READ && s->v->op != TANDEM_VIO_FLUSH)
-            mark(m, s->v->offset, s->v->length);
         if (s->shm)
             vbuf_hold(s->buf, mc->peer); /* the replica may still read or write it */
         s->fmsg = fmt("replica %s: %s", addr, why);
@@ -1212,6 +1206,14 @@ static void member_drop2(struct vol *vol, int slot, const char *why, const char 
         vol->st->drop_seq = seq;
     }
     vol->st->drops++;
+    /* What it misses is in its map from the drop on, not once each write's other members
+     * answer (a slow one can take its whole deadline): Python reads the map as soon as the
+     * member rejoins. Every write in flight it has not done (pending, failed or refused). */
+    for (struct list *p = vol->shared.next; p != &vol->shared; p = p->next) {
+        struct vio *v = container_of(p, struct vio, slink);
+        if ((v->targets & (1u << slot)) && v->res[slot] != 0)
+            mark(m, v->offset, v->length);
+    }
     uint64_t gen = m->gen;
     if (mc)
         mconn_kill(mc, reason);
@@ -1624,7 +1626,7 @@ static void vio_member_result(struct vol *vol, struct vio *v, int slot, int stat
     v->rmsg[slot] = msg;
     v->rgen[slot] = gen;
     /* A failing member is dropped at once (refusals wait: all refusing is a bad request),
-     * and what it missed marked at once (see mconn_kill). */
+     * and what it missed marked at once (see member_drop2). */
     if (status != 0 && status != EINVAL) {
         if (m->mc && m->gen == gen && m->mode != TANDEM_MODE_ERR)
             member_drop(vol, slot, msg ? msg : "write failed");
