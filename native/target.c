@@ -1625,14 +1625,11 @@ static void vio_member_result(struct vol *vol, struct vio *v, int slot, int stat
     free(v->rmsg[slot]);
     v->rmsg[slot] = msg;
     v->rgen[slot] = gen;
-    /* A failing member is dropped at once (refusals wait: all refusing is a bad request),
-     * and what it missed marked at once (see member_drop2). */
-    if (status != 0 && status != EINVAL) {
-        if (m->mc && m->gen == gen && m->mode != TANDEM_MODE_ERR)
-            member_drop(vol, slot, msg ? msg : "write failed");
-        if (v->op != TANDEM_VIO_FLUSH)
-            mark(m, v->offset, v->length);
-    }
+    /* A failing member is dropped at once (refusals wait: all refusing is a bad request);
+     * the drop marks what it missed, this write included (member_drop2). */
+    if (status != 0 && status != EINVAL && m->mc && m->gen == gen &&
+        m->mode != TANDEM_MODE_ERR)
+        member_drop(vol, slot, msg ? msg : "write failed");
     if (--v->npend == 0)
         fan_done(vol, v);
 }

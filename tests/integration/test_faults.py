@@ -280,23 +280,25 @@ def read_replica(c: Cluster, i: int, offset: int, length: int) -> bytes:
     return asyncio.run(run())
 
 
+def fault(c: Cluster, i: int, action: str, arg: float = 0, count: int | None = 1) -> str:
+    """Arm a fault on replica i's writes (its --debug-api); returns the faults URL."""
+    url = f"http://{HOST}:{c.replica_ports[i][1]}/v1/debug/faults"
+    http_json(url, "PUT", {"name": "replica.write", "action": action, "arg": arg, "count": count})
+    return url
+
+
 def test_a_write_in_flight_at_a_drop_is_rebuilt_on_a_quick_rejoin(make_cluster) -> None:  # type: ignore[no-untyped-def]
     """A write fails on replica 0 and waits 3 s for replica 2. Replica 0 is dropped at once
     (the native engine) and rejoins within a second; the write's miss is known only when
     it ends. Its rebuild must still copy that write before replica 0 is RW again."""
     c = make_cluster(replicas=3, timeout=5.0, replica_args=("--debug-api",)).start()
     c.wait_modes(["RW", "RW", "RW"])
-
-    def fault(i: int, action: str, arg: float) -> None:
-        body = {"name": "replica.write", "action": action, "arg": arg, "count": 1}
-        http_json(f"http://{HOST}:{c.replica_ports[i][1]}/v1/debug/faults", "PUT", body)
-
     h = connect(c.uri)
     off, n = 1 << 20, 64 << 10
     old, new = os.urandom(n), os.urandom(n)
     h.pwrite(old, off)
-    fault(0, "fail", 5)  # EIO: replica 0 is dropped
-    fault(2, "delay", 3.0)  # the write waits for replica 2 (its deadline is 5 s)
+    fault(c, 0, "fail", 5)  # EIO: replica 0 is dropped
+    fault(c, 2, "delay", 3.0)  # the write waits for replica 2 (its deadline is 5 s)
     t0 = time.monotonic()
     h.pwrite(new, off)  # acknowledged by replicas 1 and 2
     assert time.monotonic() - t0 >= 2.9  # the delay took effect
@@ -317,7 +319,6 @@ def test_a_deadline_shortened_while_idle_holds_for_the_next_request(make_cluster
         c.start_replica(i)
     c.start_target(extra=["--replica-timeout-last", "10"])
     c.wait_modes(["RW", "RW", "RW"])
-    faults = f"http://{HOST}:{c.replica_ports[1][1]}/v1/debug/faults"
     h = connect(c.uri)
     data = os.urandom(BLOCK)
     c.replicas[0].kill9()
@@ -327,7 +328,7 @@ def test_a_deadline_shortened_while_idle_holds_for_the_next_request(make_cluster
     h.pwrite(data, BLOCK)  # replicas 1 and 2 are the bare quorum: 10 s
     c.start_replica(0)
     c.wait_modes(["RW", "RW", "RW"], timeout=30)
-    http_json(faults, "PUT", {"name": "replica.write", "action": "hang", "arg": 0, "count": None})
+    faults = fault(c, 1, "hang", count=None)
     try:
         t0 = time.monotonic()
         h.pwrite(data, 2 * BLOCK)
@@ -359,8 +360,7 @@ def test_a_rebuild_cut_short_by_a_drop_never_promotes_the_rejoined_replica(make_
     c.start_replica(0)
     c.wait_modes(["WO", "RW", "RW"])
     time.sleep(5.0)
-    body = {"name": "replica.write", "action": "fail", "arg": 5, "count": 1}
-    http_json(f"http://{HOST}:{c.replica_ports[0][1]}/v1/debug/faults", "PUT", body)
+    fault(c, 0, "fail", 5)
     h.pwrite(os.urandom(BLOCK), 0)  # replica 0 fails it and is dropped (it was WO)
     assert c.modes()[0] == "ERR"
     late_off, late = c.size - BLOCK, os.urandom(BLOCK)
